@@ -1,0 +1,406 @@
+"""Read OME-Zarr plates and images (NGFF 0.4 on zarr v2, 0.5 on zarr v3); write NGFF label images.
+
+Metadata is written once by the planning step; worker jobs only write array chunks (concurrent edits of
+the same JSON are what corrupts stores). Arrays are always read lazily through zarr slicing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import zarr
+
+
+class InputError(ValueError):
+    """The input store is not what the config says it is; the message names the path and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------- metadata
+
+
+def open_group(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
+    try:
+        return zarr.open_group(str(path), mode=mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError if hasattr(zarr, "errors") else KeyError) as e:
+        raise InputError(f"'{path}' is not a zarr group (no .zgroup / zarr.json found).") from e
+
+
+def ngff(group: zarr.Group) -> tuple[dict, str]:
+    """(NGFF attributes, version): 0.5 keeps them under ``ome``, 0.4 at the top level."""
+    attrs = group.attrs.asdict()
+    if "ome" in attrs:
+        return dict(attrs["ome"]), str(attrs["ome"].get("version", "0.5"))
+    version = "0.4"
+    for key in ("multiscales", "plate", "well"):
+        if key in attrs:
+            entry = attrs[key][0] if key == "multiscales" else attrs[key]
+            version = str(entry.get("version", version))
+            break
+    return attrs, version
+
+
+def write_ngff(group: zarr.Group, meta: dict, version: str) -> None:
+    """Store NGFF attributes in the layout of ``version``, merging with what the group has."""
+    if version.startswith("0.5"):
+        ome = dict(group.attrs.asdict().get("ome", {}))
+        ome.update(meta)
+        ome["version"] = version
+        group.attrs["ome"] = ome
+    else:
+        group.attrs.update(meta)
+
+
+def zarr_format(group: zarr.Group) -> int:
+    return int(group.metadata.zarr_format)
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+
+@dataclass
+class Multiscale:
+    """One NGFF multiscale image: axes, level paths and their scale transforms."""
+
+    group: zarr.Group
+    path: str
+    version: str
+    axes: list[dict]
+    datasets: list[dict]
+    omero: dict | None = None
+    name: str = "image"
+
+    @property
+    def axis_names(self) -> list[str]:
+        return [a["name"] for a in self.axes]
+
+    def level(self, i: int = 0) -> zarr.Array:
+        return self.group[self.datasets[i]["path"]]
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.datasets)
+
+    def scale(self, i: int = 0) -> list[float]:
+        for t in self.datasets[i].get("coordinateTransformations", []):
+            if t.get("type") == "scale":
+                return [float(s) for s in t["scale"]]
+        return [1.0] * len(self.axes)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.level(0).shape)
+
+    def channel_names(self) -> list[str]:
+        if not self.omero:
+            return []
+        return [str(c.get("label", "")) for c in self.omero.get("channels", [])]
+
+    def channel_index(self, channel: int | str) -> int | None:
+        """Index of the channel chosen by index or by OMERO label; None when the image has no c axis."""
+        names = self.axis_names
+        if "c" not in names:
+            if channel in (0, None) or (isinstance(channel, str) and channel in self.channel_names()):
+                return None
+            raise InputError(f"{self.path}: the image has no channel axis (axes {names}), but channel "
+                             f"'{channel}' was requested. Use channel: 0.")
+        n = self.shape[names.index("c")]
+        if isinstance(channel, bool) or channel is None:
+            channel = 0
+        if isinstance(channel, int):
+            if not -n <= channel < n:
+                raise InputError(f"{self.path}: channel index {channel} is out of range; the image has {n} "
+                                 f"channel(s) {self.channel_names() or ''}.")
+            return channel % n
+        labels = self.channel_names()
+        if channel in labels:
+            return labels.index(channel)
+        if str(channel).isdigit():
+            return self.channel_index(int(channel))
+        raise InputError(f"{self.path}: no channel named '{channel}'. Channels in the OMERO metadata: "
+                         f"{labels or 'none (select the channel by index)'}.")
+
+    def spatial_axes(self) -> list[str]:
+        return [a for a in self.axis_names if a in ("z", "y", "x")]
+
+
+def read_multiscale(group: zarr.Group, path: str = "") -> Multiscale:
+    meta, version = ngff(group)
+    if "multiscales" not in meta:
+        raise InputError(f"'{path}' has no NGFF 'multiscales' metadata: is this an OME-Zarr image? "
+                         "For a plate give the plate root, for a single image the image group.")
+    ms = meta["multiscales"][0]
+    axes = ms.get("axes")
+    if axes is None:  # NGFF <= 0.3 had no axes: assume tczyx truncated from the left
+        ndim = len(group[ms["datasets"][0]["path"]].shape)
+        axes = [{"name": n} for n in "tczyx"[5 - ndim:]]
+    axes = [a if isinstance(a, dict) else {"name": a} for a in axes]
+    names = [a["name"] for a in axes]
+    if "y" not in names or "x" not in names:
+        raise InputError(f"'{path}': axes {names} lack y and x; cannot segment this image.")
+    return Multiscale(group=group, path=path, version=version, axes=axes, datasets=ms["datasets"],
+                      omero=meta.get("omero"), name=ms.get("name", "image"))
+
+
+# ----------------------------------------------------------------------------------------------- plates
+
+
+@dataclass(frozen=True)
+class FieldRef:
+    """One field of view: where it lives relative to the store root and its plate coordinates."""
+
+    path: str  # relative to the store root, "" for a single image
+    plate: str
+    well: str  # e.g. "A12" ("" for a single image)
+    row: str
+    column: str
+    field: str
+
+    @property
+    def key(self) -> str:
+        """A filesystem-safe unique name for this field."""
+        return self.path.replace("/", "_") if self.path else "image"
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "plate": self.plate, "well": self.well, "row": self.row,
+                "column": self.column, "field": self.field}
+
+
+@dataclass
+class StoreLayout:
+    """What the input store is (plate or image) and its fields."""
+
+    root: str
+    kind: str  # "plate" | "image"
+    version: str
+    zarr_format: int
+    fields: list[FieldRef]
+    plate_meta: dict | None = None
+    well_meta: dict[str, dict] = field(default_factory=dict)
+
+
+def describe_store(path: str | os.PathLike) -> StoreLayout:
+    """Enumerate the fields of an HCS plate, or the single image, at ``path``."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise InputError(f"input '{path}' does not exist.")
+    root = open_group(path, "r")
+    meta, version = ngff(root)
+    name = Path(path.rstrip("/")).name
+    for suffix in (".ome.zarr", ".zarr"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    if "plate" in meta:
+        plate = meta["plate"]
+        fields, wells = [], {}
+        for w in plate.get("wells", []):
+            wpath = w["path"]
+            try:
+                wgroup = root[wpath]
+            except KeyError:
+                raise InputError(f"{path}: plate metadata lists well '{wpath}' but the group is missing.") from None
+            wmeta, _ = ngff(wgroup)
+            if "well" not in wmeta:
+                raise InputError(f"{path}/{wpath}: well group has no NGFF 'well' metadata.")
+            wells[wpath] = wmeta["well"]
+            row, col = wpath.split("/")[:2]
+            for img in wmeta["well"].get("images", []):
+                fields.append(FieldRef(path=f"{wpath}/{img['path']}", plate=name, well=f"{row}{col}", row=row,
+                                       column=col, field=str(img["path"])))
+        if not fields:
+            raise InputError(f"{path}: the plate lists no fields.")
+        return StoreLayout(path, "plate", version, zarr_format(root), fields, plate_meta=plate, well_meta=wells)
+    if "multiscales" in meta:
+        return StoreLayout(path, "image", version, zarr_format(root),
+                           [FieldRef(path="", plate=name, well="", row="", column="", field="0")])
+    if "well" in meta:
+        raise InputError(f"'{path}' is a single well; give the plate root (its parent's parent) as input.")
+    raise InputError(f"'{path}' is neither an OME-Zarr plate nor an image (no 'plate' or 'multiscales' "
+                     "metadata). Convert the data to OME-Zarr first (e.g. with bioio or bioformats2raw).")
+
+
+def open_field(root: str | os.PathLike, ref: FieldRef | str) -> Multiscale:
+    rel = ref.path if isinstance(ref, FieldRef) else ref
+    group = open_group(os.path.join(str(root), rel) if rel else str(root), "r")
+    return read_multiscale(group, os.path.join(str(root), rel) if rel else str(root))
+
+
+def plane_selector(image: Multiscale, channel: int | None, allow_z: bool = False) -> tuple:
+    """Index tuple selecting (y, x) (or (z, y, x) with ``allow_z``) of one channel at level 0."""
+    sel: list[Any] = []
+    for name, size in zip(image.axis_names, image.shape):
+        if name == "c":
+            sel.append(channel if channel is not None else 0)
+        elif name == "t":
+            if size != 1:
+                raise InputError(f"{image.path}: has {size} time points; only single time points are supported. "
+                                 "Split the time series into separate images.")
+            sel.append(0)
+        elif name == "z":
+            if size != 1 and not allow_z:
+                raise InputError(f"{image.path}: is a 3D volume with {size} z-slices; this workflow segments 2D "
+                                 "fields. Use a volume config for 3D data.")
+            sel.append(slice(None) if allow_z else 0)
+        elif name in ("y", "x"):
+            sel.append(slice(None))
+        else:
+            raise InputError(f"{image.path}: unknown axis '{name}'.")
+    return tuple(sel)
+
+
+class Plane2D:
+    """A lazily read 2D plane of one channel: slicing returns numpy arrays."""
+
+    def __init__(self, image: Multiscale, channel: int | None):
+        self.image = image
+        self.array = image.level(0)
+        self.sel = plane_selector(image, channel)
+        ny = image.shape[image.axis_names.index("y")]
+        nx = image.shape[image.axis_names.index("x")]
+        self.shape = (ny, nx)
+        self.dtype = self.array.dtype
+        self.ndim = 2
+
+    def __getitem__(self, region: tuple[slice, slice]) -> np.ndarray:
+        region = tuple(region)
+        it = iter(region)
+        full = tuple(next(it) if s == slice(None) else s for s in self.sel)
+        try:
+            return np.asarray(self.array[full])
+        except Exception as e:  # noqa: BLE001 - name the chunk that failed
+            raise InputError(f"{self.image.path}: could not read region {region} ({type(e).__name__}: {e}); "
+                             "a chunk is missing or corrupt.") from e
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def _array_kwargs(fmt: int) -> dict:
+    if fmt == 2:
+        return {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
+    return {}
+
+
+def spatial_label_axes(image: Multiscale) -> tuple[list[dict], list[int]]:
+    """Axes of a label image for ``image`` (all but c) and their indices in the image axes."""
+    idx = [i for i, a in enumerate(image.axis_names) if a != "c"]
+    return [image.axes[i] for i in idx], idx
+
+
+def level_shapes(image: Multiscale, axis_idx: Sequence[int]) -> list[tuple[int, ...]]:
+    return [tuple(image.level(k).shape[i] for i in axis_idx) for k in range(image.n_levels)]
+
+
+def create_label_image(image_group: zarr.Group, image: Multiscale, name: str, chunks: Sequence[int],
+                       dtype: str = "uint32", overwrite: bool = False, source: str = "../../") -> zarr.Group:
+    """Create ``labels/<name>`` (all levels, empty) with NGFF ``image-label`` metadata.
+
+    Levels mirror the image's levels and scale transforms (minus the channel axis). Called once per field
+    by the planning step; jobs then only write chunks.
+    """
+    axes, idx = spatial_label_axes(image)
+    version = image.version
+    fmt = zarr_format(image_group)
+    labels = image_group.require_group("labels")
+    lmeta, _ = ngff(labels)
+    names = list(lmeta.get("labels", []))
+    if name not in names:
+        names.append(name)
+        write_ngff(labels, {"labels": names}, version)
+    if name in labels and not overwrite:
+        group = labels[name]
+    else:
+        group = labels.create_group(name, overwrite=True)
+    datasets = []
+    for k, shape in enumerate(level_shapes(image, idx)):
+        ch = tuple(min(c, s) for c, s in zip(_pad_chunks(chunks, len(shape)), shape))
+        path = image.datasets[k]["path"]
+        if path not in group:
+            group.create_array(path, shape=shape, chunks=ch, dtype=dtype, fill_value=0,
+                               dimension_names=[a["name"] for a in axes] if fmt == 3 else None,
+                               **_array_kwargs(fmt))
+        transforms = []
+        for t in image.datasets[k].get("coordinateTransformations", []):
+            key = t["type"]
+            if key in ("scale", "translation"):
+                transforms.append({"type": key, key: [t[key][i] for i in idx]})
+        datasets.append({"path": path, "coordinateTransformations": transforms or
+                         [{"type": "scale", "scale": [1.0] * len(idx)}]})
+    ms = {"axes": axes, "datasets": datasets, "name": name}
+    if not version.startswith("0.5"):
+        ms["version"] = version
+    write_ngff(group, {"multiscales": [ms], "image-label": {"version": version, "source": {"image": source}}}
+              if not version.startswith("0.5") else
+              {"multiscales": [ms], "image-label": {"source": {"image": source}}}, version)
+    return group
+
+
+def _pad_chunks(chunks: Sequence[int], ndim: int) -> tuple[int, ...]:
+    chunks = tuple(chunks)
+    if len(chunks) >= ndim:
+        return chunks[-ndim:]
+    return (1,) * (ndim - len(chunks)) + chunks
+
+
+def create_predictions_image(group: zarr.Group, shape_yx: Sequence[int], chunks_yx: Sequence[int],
+                             version: str) -> zarr.Array:
+    """A 3-channel float16 NGFF image (c, y, x) for the decoder maps, metadata included."""
+    fmt = zarr_format(group)
+    arr = group.create_array("0", shape=(3, *shape_yx), chunks=(3, *(min(c, s) for c, s in zip(chunks_yx, shape_yx))),
+                             dtype="float16", fill_value=0, overwrite=True,
+                             dimension_names=["c", "y", "x"] if fmt == 3 else None, **_array_kwargs(fmt))
+    ms = {"axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"},
+                   {"name": "x", "type": "space"}],
+          "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]}],
+          "name": "sam_decoder_maps"}
+    if not version.startswith("0.5"):
+        ms["version"] = version
+    omero = {"channels": [{"label": n, "color": c, "active": True, "window": {"start": 0, "end": 1, "min": 0, "max": 1}}
+                          for n, c in (("foreground", "00FF00"), ("center_distance", "FF00FF"),
+                                       ("boundary_distance", "00FFFF"))]}
+    if not version.startswith("0.5"):
+        omero["version"] = version
+    write_ngff(group, {"multiscales": [ms], "omero": omero}, version)
+    return arr
+
+
+def mirror_plate(src: StoreLayout, dst_root: str | os.PathLike) -> zarr.Group:
+    """Create an empty store with the plate/well hierarchy and metadata of ``src`` (same NGFF version)."""
+    root = zarr.open_group(str(dst_root), mode="a", zarr_format=src.zarr_format)
+    if src.kind == "plate":
+        write_ngff(root, {"plate": src.plate_meta}, src.version)
+        for wpath, wmeta in src.well_meta.items():
+            write_ngff(root.require_group(wpath), {"well": wmeta}, src.version)
+    return root
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON via a temp file + rename, so a killed job never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return None if math.isnan(o) else float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))
