@@ -404,3 +404,19 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(type(o))
+
+
+class Plane2DView:
+    """A 2D window onto an nD array whose leading axes have size 1 (e.g. labels with t/z axes)."""
+
+    def __init__(self, array: Any):
+        self.array = array
+        self.lead = tuple(0 for _ in array.shape[:-2])
+        self.shape = tuple(array.shape[-2:])
+        self.dtype = array.dtype
+
+    def __getitem__(self, region):
+        return self.array[self.lead + tuple(region)]
+
+    def __setitem__(self, region, value):
+        self.array[self.lead + tuple(region)] = value

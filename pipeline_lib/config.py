@@ -1,0 +1,76 @@
+"""Load and validate the workflow config against the one schema, filling in its documented defaults."""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+
+
+class ConfigError(ValueError):
+    """The config does not match the schema; the message names the key and what is allowed."""
+
+
+def load_schema() -> dict:
+    with open(SCHEMA_PATH) as f:
+        return yaml.safe_load(f)
+
+
+def _with_defaults(validator_class):
+    validate_props = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if "default" in sub and key not in instance:
+                    instance[key] = copy.deepcopy(sub["default"])
+        yield from validate_props(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def validate_config(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Return a validated copy of ``config`` with every default filled in."""
+    cfg = copy.deepcopy(dict(config))
+    errors = sorted(_Validator(load_schema()).iter_errors(cfg), key=lambda e: list(e.path))
+    if errors:
+        lines = []
+        for e in errors:
+            where = ".".join(str(p) for p in e.path) or "(top level)"
+            lines.append(f"  {where}: {e.message}")
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(lines) +
+                          f"\nSee the config reference in README.md (schema: {SCHEMA_PATH.name}).")
+    if cfg.get("predictions") is None and cfg["model"].get("decoder") and not cfg["model"].get("checkpoint"):
+        raise ConfigError(f"{source}: model.decoder is set but model.checkpoint is not; give both, "
+                          "or use model.name for a published model.")
+    return cfg
+
+
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    return validate_config(raw, source=str(path))
+
+
+def ais_params(cfg: dict[str, Any]):
+    """AISParams from the config, with micro-sam's per-model thresholds where the config leaves them null."""
+    from .instances.ais import AISParams
+    from .models.registry import ais_defaults
+    a = cfg["ais"]
+    name = None if cfg["model"].get("checkpoint") else cfg["model"]["name"]
+    d = ais_defaults(name)
+    return AISParams(
+        center_distance_threshold=a["center_distance_threshold"] if a["center_distance_threshold"] is not None
+        else d["center_distance_threshold"],
+        boundary_distance_threshold=a["boundary_distance_threshold"] if a["boundary_distance_threshold"] is not None
+        else d["boundary_distance_threshold"],
+        foreground_threshold=a["foreground_threshold"], foreground_smoothing=a["foreground_smoothing"],
+        distance_smoothing=a["distance_smoothing"], min_size=a["min_size"], keep_unseeded=a["keep_unseeded"])

@@ -1,0 +1,118 @@
+"""Run the SAM image encoder and the instance decoder over tiles of many fields, in batches.
+
+Tiles of all fields of a job form one stream: CPU preprocessing runs ahead in a thread while the device
+encodes the previous batch, so the GPU is not idle between fields. Each tile's maps are resampled to the
+tile's size and only its inner region is written, so the stitched maps equal those of micro-sam's tiled
+prediction (same tiles, same per-tile normalisation).
+"""
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..models.loading import SamModel
+from ..tiling import Block, block_grid
+from .preprocess import encoder_input, input_size, normalize_and_pad
+
+
+@dataclass
+class FieldTask:
+    """One 2D image to predict: ``image[region]`` reads pixels, ``out`` (3, Y, X) receives the maps."""
+
+    key: str
+    image: Any
+    out: Any
+    value_range: tuple[float, float] | None = None
+
+
+@dataclass
+class _Tile:
+    task: FieldTask
+    block: Block
+    pixels: np.ndarray  # resized uint8 RGB encoder input
+    original: tuple[int, int]
+
+
+def field_value_range(image: Any, tile: int = 2048) -> tuple[float, float]:
+    """(min, max) of a 2D image, read tile by tile."""
+    lo, hi = np.inf, -np.inf
+    for b in block_grid(image.shape, tile):
+        x = np.asarray(image[b.inner])
+        lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+    return lo, hi
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type == "cuda" and precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _tiles(tasks: Iterable[FieldTask], tile: int, halo: int) -> Iterator[tuple[FieldTask, Block]]:
+    for task in tasks:
+        for blk in block_grid(task.image.shape, tile, halo):
+            yield task, blk
+
+
+def _prepare(task: FieldTask, blk: Block) -> _Tile:
+    pixels = np.asarray(task.image[blk.outer])
+    return _Tile(task, blk, encoder_input(pixels, task.value_range), blk.outer_shape)
+
+
+def _batches(items: Iterator[tuple[FieldTask, Block]], batch_size: int, pool: ThreadPoolExecutor,
+             prefetch: int = 2) -> Iterator[list[_Tile]]:
+    """Preprocessed batches, with up to ``prefetch`` batches prepared ahead on CPU threads."""
+    pending: list[list] = []
+    exhausted = False
+    while True:
+        while not exhausted and len(pending) < prefetch + 1:
+            chunk = []
+            for _ in range(batch_size):
+                try:
+                    chunk.append(pool.submit(_prepare, *next(items)))
+                except StopIteration:
+                    exhausted = True
+                    break
+            if chunk:
+                pending.append(chunk)
+        if not pending:
+            return
+        yield [f.result() for f in pending.pop(0)]
+
+
+@torch.no_grad()
+def predict_maps(model: SamModel, tasks: Sequence[FieldTask], tile: int = 512, halo: int = 64,
+                 batch_size: int = 8, precision: str = "fp32",
+                 progress: Callable[[int], None] | None = None) -> int:
+    """Predict (foreground, center distance, boundary distance) for every task; returns the tile count."""
+    if model.decoder is None:
+        raise ValueError(f"model '{model.name}' has no instance-segmentation decoder; decoder maps need one.")
+    device = model.device
+    n = 0
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for batch in _batches(_tiles(tasks, tile, halo), batch_size, pool):
+            x = normalize_and_pad([t.pixels for t in batch], device)
+            with _autocast(device, precision):
+                emb = model.sam.image_encoder(x)
+                raw = model.decoder.forward_features(emb)
+            raw = raw.float()
+            # resample per group of equal tile size (border tiles differ), as torch-em postprocess_masks
+            groups: dict[tuple, list[int]] = {}
+            for i, t in enumerate(batch):
+                groups.setdefault(t.original, []).append(i)
+            for original, idx in groups.items():
+                maps = model.decoder.resample(raw[idx], input_size(original), original)
+                maps = maps.to(torch.float16).cpu().numpy()
+                for j, i in enumerate(idx):
+                    t = batch[i]
+                    t.task.out[(slice(None),) + t.block.inner] = maps[j][(slice(None),) + t.block.inner_local]
+            n += len(batch)
+            if progress:
+                progress(len(batch))
+    return n

@@ -1,0 +1,42 @@
+"""Resolve the configured model to local files (downloading published ones), before any tile work."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..models.download import ensure_published, file_xxh128
+from ..models.loading import ModelLoadError, SamModel, _torch_load, load_model_files
+from ..models.registry import get_published
+
+
+def resolve_model(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    """Model files and hashes as a JSON-able dict; fails early with an actionable message."""
+    if cfg.get("predictions"):
+        return {"skipped": True, "reason": f"predictions given: {cfg['predictions']}"}
+    m = cfg["model"]
+    needs_decoder = cfg["method"] == "ais"
+    if m.get("checkpoint"):
+        ckpt = m["checkpoint"]
+        if not os.path.isfile(ckpt):
+            raise ModelLoadError(f"model.checkpoint '{ckpt}' does not exist.")
+        if m.get("decoder") and not os.path.isfile(m["decoder"]):
+            raise ModelLoadError(f"model.decoder '{m['decoder']}' does not exist.")
+        if needs_decoder and not m.get("decoder") and "decoder_state" not in _torch_load(ckpt):
+            raise ModelLoadError(
+                f"'{ckpt}' holds no decoder_state and model.decoder is not set, but method 'ais' needs an "
+                "instance-segmentation decoder. Give model.decoder, or use method 'amg'.")
+        out = {"name": os.path.basename(ckpt), "checkpoint": os.path.abspath(ckpt),
+               "checkpoint_xxh128": file_xxh128(ckpt)}
+        if m.get("decoder"):
+            out.update(decoder=os.path.abspath(m["decoder"]), decoder_xxh128=file_xxh128(m["decoder"]))
+        return out
+    published = get_published(m["name"])
+    if needs_decoder and published.decoder is None:
+        raise ModelLoadError(f"model '{m['name']}' (original SAM) has no instance-segmentation decoder, but "
+                             "method 'ais' needs one. Use a micro-sam model such as vit_b_lm, or method 'amg'.")
+    return ensure_published(m["name"], m.get("cache_dir"), progress=progress)
+
+
+def load_resolved(info: dict[str, Any], device: str, require_decoder: bool) -> SamModel:
+    return load_model_files(info["checkpoint"], info.get("decoder"), device=device, name=info.get("name"),
+                            require_decoder=require_decoder)

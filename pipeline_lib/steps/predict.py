@@ -1,0 +1,60 @@
+"""Predict decoder maps for one batch of fields (one GPU job, model loaded once)."""
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Any
+
+import zarr
+from tqdm import tqdm
+
+from ..embed.predict import FieldTask, field_value_range, predict_maps
+from ..io.ome_zarr import InputError, Plane2D, create_predictions_image, open_field, write_json_atomic
+from ..tiling import block_grid
+from .model import load_resolved
+
+
+def _task(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]) -> FieldTask:
+    img = open_field(plan["input"], f["path"])
+    plane = Plane2D(img, img.channel_index(cfg["channel"]))
+    group = zarr.open_group(f["predictions"], mode="a", zarr_format=plan["zarr_format"])
+    out = create_predictions_image(group, plane.shape, (cfg["tiling"]["tile"],) * 2, plan["version"])
+    vr = field_value_range(plane) if cfg["encoder"]["normalization"] == "field" else None
+    return FieldTask(f["key"], plane, out, vr)
+
+
+def run_predict_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, model_info: dict[str, Any],
+                      marker: str) -> dict[str, Any]:
+    """Write predictions for every field of ``batch``; a field that fails is reported, the others finish."""
+    fields = [plan["fields"][i] for i in plan["batches"][batch]]
+    model = load_resolved(model_info, cfg["model"]["device"], require_decoder=True)
+    status: dict[str, Any] = {}
+    tasks = []
+    for f in fields:
+        if "error" in f:
+            status[f["key"]] = {"status": "failed", "error": f["error"]}
+            continue
+        try:
+            tasks.append(_task(cfg, plan, f))
+        except (InputError, OSError, ValueError) as e:
+            status[f["key"]] = {"status": "failed", "error": str(e)}
+    t, h = cfg["tiling"]["tile"], cfg["tiling"]["halo"]
+    n_tiles = sum(len(block_grid(task.image.shape, t)) for task in tasks)
+    kw = dict(tile=t, halo=h, batch_size=cfg["encoder"]["batch_size"], precision=cfg["encoder"]["precision"])
+    with tqdm(total=n_tiles, desc=f"predict {batch} ({model.device})", unit="tile", file=sys.stderr) as bar:
+        try:
+            predict_maps(model, tasks, progress=bar.update, **kw)
+            for task in tasks:
+                status[task.key] = {"status": "ok"}
+        except InputError:
+            # isolate the broken field(s): redo field by field
+            for task in tasks:
+                try:
+                    predict_maps(model, [task], **kw)
+                    status[task.key] = {"status": "ok"}
+                except InputError as e:
+                    status[task.key] = {"status": "failed", "error": str(e)}
+                    traceback.print_exc()
+    result = {"batch": batch, "device": str(model.device), "fields": status}
+    write_json_atomic(marker, result)
+    return result

@@ -1,0 +1,13 @@
+# Runs on the submit host (local rule): compute nodes often have no internet.
+localrules: model
+
+
+rule model:
+    output:
+        f"{OUT}/model.json",
+    params:
+        model=CFG["model"], method=CFG["method"], predictions=CFG["predictions"],
+    run:
+        from pipeline_lib.steps.model import resolve_model
+        from pipeline_lib.io.ome_zarr import write_json_atomic
+        write_json_atomic(output[0], resolve_model(CFG))
