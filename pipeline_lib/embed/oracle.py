@@ -49,3 +49,23 @@ def oracle_maps(labels: np.ndarray) -> np.ndarray:
     out[1][fg] = (cdist / (cmax[ids] + EPS))[fg]
     out[2][fg] = ((bmax[ids] - bdist) / (bmax[ids] + EPS))[fg]
     return out
+
+
+def write_oracle_predictions(input_store: str, label_name: str, out_store: str, chunk: int = 512) -> int:
+    """A predictions store (same layout as the workflow writes) computed from ``labels/<label_name>``."""
+    import zarr
+
+    from ..io.ome_zarr import create_predictions_image, describe_store, mirror_plate, open_field
+
+    layout = describe_store(input_store)
+    mirror_plate(layout, out_store)
+    for ref in layout.fields:
+        img = open_field(input_store, ref)
+        lab = open_field(img.path, f"labels/{label_name}")
+        data = np.asarray(lab.level(0))
+        data = data.reshape(data.shape[-2:])
+        path = f"{out_store}/{ref.path}" if ref.path else out_store
+        group = zarr.open_group(path, mode="a", zarr_format=layout.zarr_format)
+        arr = create_predictions_image(group, data.shape, (chunk, chunk), layout.version)
+        arr[:] = oracle_maps(data).astype(np.float16)
+    return len(layout.fields)
