@@ -1,0 +1,122 @@
+"""End-to-end runs of the real Snakefile (subprocess snakemake, 2 cores)."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from conftest import run_workflow
+from pipeline_lib.embed.oracle import write_oracle_predictions
+from pipeline_lib.io.synthetic import write_synthetic_plate
+from pipeline_lib.measure.metrics import mean_segmentation_accuracy as msa
+
+
+def _labels(plate, path, name):
+    return np.asarray(zarr.open_array(f"{plate}/{path}/labels/{name}/s0", mode="r"))
+
+
+def _gt(plate, path):
+    return np.asarray(zarr.open_array(f"{plate}/{path}/labels/nuclei_gt/s0", mode="r")).reshape(520, 696)
+
+
+@pytest.fixture(scope="module")
+def oracle_plate(real_plate, tmp_path_factory):
+    """A writable copy of the real plate and oracle predictions computed from its nuclei_gt labels."""
+    tmp = tmp_path_factory.mktemp("oracle")
+    plate = tmp / "plate.ome.zarr"
+    shutil.copytree(real_plate, plate)
+    n = write_oracle_predictions(str(plate), "nuclei_gt", str(tmp / "oracle_predictions.ome.zarr"))
+    assert n == 28
+    return plate, tmp / "oracle_predictions.ome.zarr"
+
+
+def test_real_plate_tiny_model(real_plate, tiny_model, tmp_path):
+    plate = tmp_path / "plate.ome.zarr"
+    shutil.copytree(real_plate, plate)
+    before = np.asarray(zarr.open_array(f"{plate}/A/12/0/s0", mode="r"))
+    cfg = {"input": str(plate), "output": str(tmp_path / "out"), "tiling": {"tile": 1024, "halo": 64},
+           "model": {"checkpoint": tiny_model["checkpoint"], "decoder": tiny_model["decoder"], "device": "cpu"},
+           "batching": {"fields_per_job": 14}, "ais": {"keep_unseeded": True}}
+    run_workflow(cfg, tmp_path)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["n_fields"] == 28 and len(summary["fields"]) == 28
+    assert all(f["status"] in ("ok", "empty") for f in summary["fields"])
+    for f in summary["fields"]:
+        g = zarr.open_group(f["labels"], mode="r")
+        assert sorted(g.array_keys()) == ["s0", "s1", "s2"]  # as many levels as the image
+        assert g["s0"].shape == (520, 696) and g["s0"].dtype == np.uint32
+        assert "image-label" in g.attrs
+        maps = zarr.open_array(f"{f['predictions']}/0", mode="r")
+        assert maps.shape == (3, 520, 696) and maps.dtype == np.float16
+    objects = pd.read_parquet(tmp_path / "out" / "objects.parquet")
+    assert len(objects) == summary["n_objects"]
+    assert list(objects.columns)[:6] == ["plate", "well", "row", "column", "field", "label"]
+    assert np.array_equal(before, np.asarray(zarr.open_array(f"{plate}/A/12/0/s0", mode="r")))  # image untouched
+    # the predictions of this run can be re-used without the model
+    cfg2 = dict(cfg, output=str(tmp_path / "out2"), predictions=str(tmp_path / "out" / "predictions.ome.zarr"),
+                labels={"name": "sam_again"}, model={"name": "vit_b_lm"})
+    run_workflow(cfg2, tmp_path / "rerun")
+    for f in summary["fields"][:5]:
+        assert np.array_equal(_labels(plate, f["path"], "sam"), _labels(plate, f["path"], "sam_again"))
+
+
+def test_real_plate_from_oracle_predictions(oracle_plate, tmp_path):
+    plate, preds = oracle_plate
+    base = {"input": str(plate), "predictions": str(preds), "model": {"name": "vit_b_lm"},
+            "ais": {"center_distance_threshold": 0.5, "boundary_distance_threshold": 0.5}}
+    run_workflow(dict(base, output=str(tmp_path / "untiled"), tiling={"tile": 1024, "halo": 64},
+                      labels={"name": "untiled"}), tmp_path / "a")
+    run_workflow(dict(base, output=str(tmp_path / "tiled"), tiling={"tile": 128, "halo": 32},
+                      labels={"name": "tiled"}), tmp_path / "b")
+    run_workflow(dict(base, output=str(tmp_path / "tiled2"), tiling={"tile": 128, "halo": 32},
+                      labels={"name": "tiled2"}), tmp_path / "c")
+    summary = json.loads((tmp_path / "untiled" / "summary.json").read_text())
+    assert summary["model"]["skipped"] is True
+    scores = []
+    for f in summary["fields"]:
+        untiled = _labels(plate, f["path"], "untiled")
+        tiled = _labels(plate, f["path"], "tiled")
+        assert msa(tiled, untiled) >= 0.99, f["path"]
+        assert np.array_equal(tiled, _labels(plate, f["path"], "tiled2")), f["path"]  # reproducible
+        scores.append(msa(untiled, _gt(plate, f["path"])))
+    assert len(scores) == 28
+    assert np.mean(scores) >= 0.920, np.mean(scores)  # micro-sam's own AIS on these maps: 0.920
+
+
+def test_ngff_05_plate_with_separate_label_store(tiny_model, tmp_path):
+    plate = tmp_path / "v05.ome.zarr"
+    write_synthetic_plate(plate, rows="B", columns=[2, 3], fields=2, shape=(200, 260), nuclei=20, channels=2,
+                          version="0.5")
+    write_oracle_predictions(str(plate), "nuclei_gt", str(tmp_path / "pred.ome.zarr"))
+    store = tmp_path / "labels_only.ome.zarr"
+    cfg = {"input": str(plate), "output": str(tmp_path / "out"), "predictions": str(tmp_path / "pred.ome.zarr"),
+           "channel": "DAPI", "labels": {"name": "nuclei", "store": str(store)}, "tiling": {"tile": 128, "halo": 32}}
+    run_workflow(cfg, tmp_path)
+    assert not (plate / "B/2/0/labels/nuclei").exists()  # input left alone
+    g = zarr.open_group(str(store / "B/2/0/labels/nuclei"), mode="r")
+    assert g.metadata.zarr_format == 3 and "ome" in g.attrs
+    lab = np.asarray(g["s0"])
+    gt = np.asarray(zarr.open_array(str(plate / "B/2/0/labels/nuclei_gt/s0"), mode="r"))
+    assert msa(lab, gt) > 0.8
+    assert zarr.open_group(str(store), mode="r").attrs["ome"]["plate"]["wells"]
+
+
+def test_bad_inputs_fail_before_tile_work(tiny_model, tmp_path):
+    plate = tmp_path / "p.ome.zarr"
+    write_synthetic_plate(plate, rows="A", columns=[1], fields=1, shape=(64, 64), nuclei=3)
+    cfg = {"input": str(plate), "output": str(tmp_path / "o1"), "model": {"name": "vit_zz"}}
+    proc = run_workflow(cfg, tmp_path / "a", check=False)
+    assert proc.returncode != 0 and "Valid names" in proc.stdout + proc.stderr
+    cfg = {"input": str(plate), "output": str(tmp_path / "o2"), "channel": "GFP",
+           "model": {"checkpoint": tiny_model["checkpoint"], "decoder": tiny_model["decoder"]}}
+    proc = run_workflow(cfg, tmp_path / "b", check=False)
+    assert proc.returncode != 0 and "no channel named 'GFP'" in proc.stdout + proc.stderr
+    cfg = {"input": str(plate), "output": str(tmp_path / "o3"), "model": {"checkpoint": tiny_model["checkpoint"]}}
+    proc = run_workflow(cfg, tmp_path / "c", check=False)
+    assert proc.returncode != 0 and "needs an instance-segmentation decoder" in proc.stdout + proc.stderr
+    cfg = {"input": str(plate), "output": str(tmp_path / "o4"), "tiling": {"tile": 5}}
+    proc = run_workflow(cfg, tmp_path / "d", check=False)
+    assert proc.returncode != 0 and "tiling.tile" in proc.stdout + proc.stderr
+    assert not (plate / "A/1/0/labels/sam").exists()
