@@ -120,3 +120,22 @@ def test_bad_inputs_fail_before_tile_work(tiny_model, tmp_path):
     proc = run_workflow(cfg, tmp_path / "d", check=False)
     assert proc.returncode != 0 and "tiling.tile" in proc.stdout + proc.stderr
     assert not (plate / "A/1/0/labels/sam").exists()
+
+
+def test_single_image_input(tmp_path, tiny_model):
+    """A single OME-Zarr image (c, y, x), predicted with the tiny model in field normalisation mode."""
+    from pipeline_lib.io.synthetic import _write_multiscale, blob_field
+    img, lab = blob_field((150, 190), 12, seed=9)
+    root = zarr.open_group(str(tmp_path / "img.ome.zarr"), mode="w", zarr_format=2)
+    _write_multiscale(root, np.stack([lab.astype(np.uint16), img]), ["c", "y", "x"], 2, "0.4", "image")
+    cfg = {"input": str(tmp_path / "img.ome.zarr"), "output": str(tmp_path / "out"), "channel": "ch1",
+           "model": {"checkpoint": tiny_model["checkpoint"], "decoder": tiny_model["decoder"], "device": "cpu"},
+           "encoder": {"normalization": "field", "batch_size": 2}, "tiling": {"tile": 128, "halo": 16}}
+    run_workflow(cfg, tmp_path)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["kind"] == "image" and summary["fields"][0]["status"] in ("ok", "empty")
+    g = zarr.open_group(str(tmp_path / "img.ome.zarr/labels/sam"), mode="r")
+    assert g["s0"].shape == (150, 190) and g["s1"].shape == (75, 95)
+    assert zarr.open_group(str(tmp_path / "img.ome.zarr/labels"), mode="r").attrs["labels"] == ["sam"]
+    maps = zarr.open_array(str(tmp_path / "out/predictions.ome.zarr/0"), mode="r")
+    assert maps.shape == (3, 150, 190) and float(np.asarray(maps).max()) > 0
