@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,7 +227,5 @@ def load_model_files(checkpoint: str | os.PathLike, decoder: str | os.PathLike |
     files = {"checkpoint": str(checkpoint)}
     if decoder is not None:
         files["decoder"] = str(decoder)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
     return SamModel(sam=sam, decoder=dec, model_type=model_type, device=dev, name=name or Path(checkpoint).stem,
                     files=files)
