@@ -35,7 +35,6 @@ class _Tile:
     task: FieldTask
     block: Block
     pixels: np.ndarray  # resized uint8 RGB encoder input
-    original: tuple[int, int]
 
 
 def field_value_range(image: Any, tile: int = 2048) -> tuple[float, float]:
@@ -62,7 +61,7 @@ def _tiles(tasks: Iterable[FieldTask], tile: int, halo: int) -> Iterator[tuple[F
 
 def _prepare(task: FieldTask, blk: Block) -> _Tile:
     pixels = np.asarray(task.image[blk.outer])
-    return _Tile(task, blk, encoder_input(pixels, task.value_range), blk.outer_shape)
+    return _Tile(task, blk, encoder_input(pixels, task.value_range))
 
 
 def _batches(items: Iterator[tuple[FieldTask, Block]], batch_size: int, pool: ThreadPoolExecutor,
@@ -105,7 +104,7 @@ def predict_maps(model: SamModel, tasks: Sequence[FieldTask], tile: int = 512, h
             # resample per group of equal tile size (border tiles differ), as torch-em postprocess_masks
             groups: dict[tuple, list[int]] = {}
             for i, t in enumerate(batch):
-                groups.setdefault(t.original, []).append(i)
+                groups.setdefault(t.block.outer_shape, []).append(i)
             for original, idx in groups.items():
                 maps = model.decoder.resample(raw[idx], input_size(original), original)
                 maps = maps.to(torch.float16).cpu().numpy()

@@ -26,7 +26,7 @@ class InputError(ValueError):
 def open_group(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
     try:
         return zarr.open_group(str(path), mode=mode)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError if hasattr(zarr, "errors") else KeyError) as e:
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
         raise InputError(f"'{path}' is not a zarr group (no .zgroup / zarr.json found).") from e
 
 
@@ -53,6 +53,11 @@ def write_ngff(group: zarr.Group, meta: dict, version: str) -> None:
         group.attrs["ome"] = ome
     else:
         group.attrs.update(meta)
+
+
+def versioned(entry: dict, version: str) -> dict:
+    """``entry`` with its own ``version`` key, which NGFF 0.4 wants per entry and 0.5 keeps only under ``ome``."""
+    return entry if version.startswith("0.5") else {**entry, "version": version}
 
 
 def zarr_format(group: zarr.Group) -> int:
@@ -331,12 +336,9 @@ def create_label_image(image_group: zarr.Group, image: Multiscale, name: str, ch
                 transforms.append({"type": key, key: [t[key][i] for i in idx]})
         datasets.append({"path": path, "coordinateTransformations": transforms or
                          [{"type": "scale", "scale": [1.0] * len(idx)}]})
-    ms = {"axes": axes, "datasets": datasets, "name": name}
-    if not version.startswith("0.5"):
-        ms["version"] = version
-    write_ngff(group, {"multiscales": [ms], "image-label": {"version": version, "source": {"image": source}}}
-              if not version.startswith("0.5") else
-              {"multiscales": [ms], "image-label": {"source": {"image": source}}}, version)
+    ms = versioned({"axes": axes, "datasets": datasets, "name": name}, version)
+    write_ngff(group, {"multiscales": [ms], "image-label": versioned({"source": {"image": source}}, version)},
+               version)
     return group
 
 
@@ -358,13 +360,11 @@ def create_predictions_image(group: zarr.Group, shape_yx: Sequence[int], chunks_
                    {"name": "x", "type": "space"}],
           "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]}],
           "name": "sam_decoder_maps"}
-    if not version.startswith("0.5"):
-        ms["version"] = version
+    ms = versioned(ms, version)
     omero = {"channels": [{"label": n, "color": c, "active": True, "window": {"start": 0, "end": 1, "min": 0, "max": 1}}
                           for n, c in (("foreground", "00FF00"), ("center_distance", "FF00FF"),
                                        ("boundary_distance", "00FFFF"))]}
-    if not version.startswith("0.5"):
-        omero["version"] = version
+    omero = versioned(omero, version)
     write_ngff(group, {"multiscales": [ms], "omero": omero}, version)
     return arr
 

@@ -8,7 +8,7 @@ import numpy as np
 import zarr
 from scipy import ndimage
 
-from .ome_zarr import _array_kwargs, write_ngff
+from .ome_zarr import _array_kwargs, versioned, write_ngff
 
 
 def blob_field(shape: Sequence[int], n: int, radius: tuple[float, float] = (6, 14), seed: int = 0
@@ -51,12 +51,11 @@ def _write_multiscale(group: zarr.Group, data: np.ndarray, axes: list[str], n_le
         scale = [1.0 if a in "ct" else float(f) for a in axes]
         datasets.append({"path": f"s{lvl}", "coordinateTransformations": [{"type": "scale", "scale": scale}]})
     types = {"c": "channel", "t": "time", "z": "space", "y": "space", "x": "space"}
-    ms = {"axes": [{"name": a, "type": types[a]} for a in axes], "datasets": datasets, "name": name}
-    if not version.startswith("0.5"):
-        ms["version"] = version
+    ms = versioned({"axes": [{"name": a, "type": types[a]} for a in axes], "datasets": datasets, "name": name},
+                   version)
     meta = {"multiscales": [ms]}
     if labels:
-        meta["image-label"] = {"version": version} if not version.startswith("0.5") else {}
+        meta["image-label"] = versioned({}, version)
     else:
         meta["omero"] = {"channels": [{"label": f"ch{i}" if i else "DAPI", "color": "FFFFFF", "active": True,
                                        "window": {"start": 0, "end": 4000, "min": 0, "max": 65535}}
@@ -77,8 +76,8 @@ def write_synthetic_plate(path: str | os.PathLike, rows: str = "AB", columns: Se
             wpath = f"{r}/{c}"
             wells.append({"path": wpath, "rowIndex": "ABCDEFGHIJKLMNOP".index(r), "columnIndex": list(columns).index(c)})
             well = root.require_group(wpath)
-            write_ngff(well, {"well": {"images": [{"path": str(i)} for i in range(fields)],
-                                       **({"version": version} if fmt == 2 else {})}}, version)
+            write_ngff(well, {"well": versioned({"images": [{"path": str(i)} for i in range(fields)]}, version)},
+                       version)
             for i in range(fields):
                 s = seed * 100003 + len(paths)
                 img, lab = blob_field(shape, nuclei, seed=s)
@@ -91,9 +90,8 @@ def write_synthetic_plate(path: str | os.PathLike, rows: str = "AB", columns: Se
                     _write_multiscale(lg.require_group("nuclei_gt"), lab, ["y", "x"], n_levels, version,
                                       "nuclei_gt", labels=True)
                 paths.append(f"{wpath}/{i}")
-    plate = {"name": os.path.basename(str(path)), "rows": [{"name": r} for r in rows],
-             "columns": [{"name": str(c)} for c in columns], "wells": wells, "field_count": fields}
-    if fmt == 2:
-        plate["version"] = version
+    plate = versioned({"name": os.path.basename(str(path)), "rows": [{"name": r} for r in rows],
+                       "columns": [{"name": str(c)} for c in columns], "wells": wells, "field_count": fields},
+                      version)
     write_ngff(root, {"plate": plate}, version)
     return paths

@@ -22,7 +22,7 @@ def aggregate(cfg: dict[str, Any], plan: dict[str, Any], model_info: dict[str, A
                        "image": f["image"], "predictions": f["predictions"], "labels": f["labels"],
                        "n_objects": s.get("n_objects", 0), "status": s["status"],
                        **({"error": s["error"]} if s.get("error") else {})})
-    tables = [pd.read_parquet(p) for p in batch_tables if os.path.getsize(p) > 0]
+    tables = [pd.read_parquet(p) for p in batch_tables]
     objects = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=TABLE_COLUMNS)
     tmp = objects_path + ".tmp"
     objects.to_parquet(tmp, index=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..io.ome_zarr import (InputError, Plane2D, describe_store, mirror_plate, open_field, open_group,
+from ..io.ome_zarr import (InputError, Plane2D, StoreLayout, describe_store, mirror_plate, open_field, open_group,
                            write_json_atomic)
 
 
@@ -20,9 +20,9 @@ def _join(root: str, rel: str, *parts: str) -> str:
     return os.path.join(root, rel, *parts) if rel else os.path.join(root, *parts)
 
 
-def make_plan(cfg: dict[str, Any]) -> dict[str, Any]:
+def make_plan(cfg: dict[str, Any], layout: StoreLayout | None = None) -> dict[str, Any]:
     """The job plan: fields with their image, predictions and labels paths, and batches of field indices."""
-    layout = describe_store(cfg["input"])
+    layout = layout or describe_store(cfg["input"])
     root = os.path.abspath(cfg["input"])
     pred_root = predictions_root(cfg)
     lab_root = labels_root(cfg)
@@ -70,8 +70,8 @@ def _check_predictions(path: str, fields: list[dict]) -> None:
 
 def write_plan(cfg: dict[str, Any], path: str) -> dict[str, Any]:
     """Make the plan, create the plate/well hierarchy of the output stores (metadata written once here)."""
-    plan = make_plan(cfg)
     layout = describe_store(cfg["input"])
+    plan = make_plan(cfg, layout)
     if not cfg.get("predictions"):
         mirror_plate(layout, plan["predictions_root"])
     if cfg["labels"]["store"]:
