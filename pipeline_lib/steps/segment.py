@@ -1,8 +1,10 @@
 """Instance segmentation of one batch of fields from their decoder maps; writes NGFF labels and a table."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import tempfile
 import time
 import traceback
 from typing import Any
@@ -19,7 +21,13 @@ from ..io.ome_zarr import (InputError, Plane2DView, create_label_image, open_fie
 from ..io.pyramid import build_pyramid
 
 TABLE_COLUMNS = ["plate", "well", "row", "column", "field", "label", "area", "centroid_y", "centroid_x"]
-_SCRATCH_IN_MEMORY = 64 * 2**20  # pixels; above this the AIS scratch labels live in a temporary zarr
+_SCRATCH_IN_MEMORY = 64 * 2**20  # pixels; above this the AIS scratch labels live in a zarr on disk
+
+
+def _tmp_root(cfg: dict[str, Any]) -> str:
+    path = os.path.join(cfg["output"], "tmp")
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 def _label_group(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]):
@@ -41,14 +49,15 @@ def segment_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]) 
     img, group = _label_group(cfg, plan, f)
     level0 = group[img.datasets[0]["path"]]
     out = Plane2DView(level0)
-    n_px = int(np.prod(out.shape))
-    scratch = None
-    if n_px > _SCRATCH_IN_MEMORY:
-        scratch = zarr.create_array(zarr.storage.MemoryStore(), shape=out.shape, dtype="uint64",
-                                    chunks=(cfg["tiling"]["tile"],) * 2, fill_value=0)
-    t0 = time.time()
-    res = ais_blockwise(maps, out, ais_params(cfg), block=cfg["tiling"]["tile"], halo=cfg["tiling"]["halo"],
-                        scratch=scratch)
+    with contextlib.ExitStack() as stack:
+        scratch = None
+        if int(np.prod(out.shape)) > _SCRATCH_IN_MEMORY:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(dir=_tmp_root(cfg), prefix=f"{f['key']}."))
+            scratch = zarr.create_array(os.path.join(tmp, "scratch.zarr"), shape=out.shape, dtype="uint64",
+                                        chunks=(cfg["tiling"]["tile"],) * 2, fill_value=0)
+        t0 = time.time()
+        res = ais_blockwise(maps, out, ais_params(cfg), block=cfg["tiling"]["tile"], halo=cfg["tiling"]["halo"],
+                            scratch=scratch)
     _, idx = spatial_label_axes(img)
     scales = [[img.scale(k)[i] for i in idx] for k in range(img.n_levels)]
     build_pyramid(group, [d["path"] for d in img.datasets], scales)
