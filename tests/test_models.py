@@ -122,3 +122,14 @@ def test_device_selection():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA"):
             select_device("cuda")
+
+
+def test_corrupt_cached_file_is_fetched_again(tmp_path):
+    src = tmp_path / "remote.bin"
+    src.write_bytes(b"weights" * 1000)
+    good = dl.file_xxh128(src)
+    target = tmp_path / "cache" / "vit_x"
+    target.parent.mkdir()
+    target.write_bytes(b"truncated")
+    dl.ensure_file(src.as_uri(), good, target, progress=False)
+    assert target.read_bytes() == src.read_bytes()

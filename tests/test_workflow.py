@@ -139,3 +139,41 @@ def test_single_image_input(tmp_path, tiny_model):
     assert zarr.open_group(str(tmp_path / "img.ome.zarr/labels"), mode="r").attrs["labels"] == ["sam"]
     maps = zarr.open_array(str(tmp_path / "out/predictions.ome.zarr/0"), mode="r")
     assert maps.shape == (3, 150, 190) and float(np.asarray(maps).max()) > 0
+
+
+def test_corrupt_chunk_fails_that_field_only(tiny_model, tmp_path):
+    plate = tmp_path / "p.ome.zarr"
+    write_synthetic_plate(plate, rows="A", columns=[1, 2], fields=1, shape=(120, 150), nuclei=8)
+    chunk = plate / "A/2/0/s0/0/0/0"
+    assert chunk.is_file()
+    chunk.write_bytes(b"not a blosc chunk")
+    cfg = {"input": str(plate), "output": str(tmp_path / "out"), "tiling": {"tile": 256, "halo": 16},
+           "model": {"checkpoint": tiny_model["checkpoint"], "decoder": tiny_model["decoder"], "device": "cpu"}}
+    run_workflow(cfg, tmp_path)
+    fields = {f["path"]: f for f in json.loads((tmp_path / "out" / "summary.json").read_text())["fields"]}
+    assert fields["A/2/0"]["status"] == "failed"
+    assert "A/2/0" in fields["A/2/0"]["error"] and "corrupt" in fields["A/2/0"]["error"]
+    assert fields["A/1/0"]["status"] in ("ok", "empty")
+    assert (plate / "A/1/0/labels/sam/s0").exists()
+
+
+def test_large_field_scratch_on_disk_gives_same_labels(tmp_path, monkeypatch):
+    """Above the in-memory limit the AIS scratch goes to a zarr under output/tmp (removed afterwards)."""
+    from pipeline_lib.config import validate_config
+    from pipeline_lib.steps import segment
+    from pipeline_lib.steps.plan import make_plan
+    plate = tmp_path / "p.ome.zarr"
+    write_synthetic_plate(plate, rows="A", columns=[1], fields=1, shape=(200, 260), nuclei=20)
+    write_oracle_predictions(str(plate), "nuclei_gt", str(tmp_path / "pred.ome.zarr"))
+    results = []
+    for limit, name in ((10**12, "mem"), (0, "disk")):
+        cfg = validate_config({"input": str(plate), "output": str(tmp_path / name), "labels": {"name": name},
+                               "predictions": str(tmp_path / "pred.ome.zarr"), "tiling": {"tile": 64, "halo": 16}})
+        monkeypatch.setattr(segment, "_SCRATCH_IN_MEMORY", limit)
+        plan = make_plan(cfg)
+        info, table = segment.segment_field(cfg, plan, plan["fields"][0])
+        results.append((info["n_objects"], _labels(plate, "A/1/0", name), table))
+    assert results[0][0] == results[1][0] > 5
+    assert np.array_equal(results[0][1], results[1][1])
+    assert results[0][2]["area"].tolist() == results[1][2]["area"].tolist()
+    assert (tmp_path / "disk" / "tmp").is_dir() and not list((tmp_path / "disk" / "tmp").iterdir())
