@@ -16,13 +16,22 @@ from .loading import InstanceDecoder
 
 TINY_ARCH = {"encoder_embed_dim": 32, "encoder_depth": 2, "encoder_num_heads": 2, "encoder_global_attn_indexes": [1]}
 TINY_DECODER_FEATURES = 8
+TINY_LOGIT_SCALE = 100.0
 
 
-def build_tiny(seed: int = 0, conv_transpose: bool = False):
-    """(sam, decoder) with random weights from ``seed``."""
+def build_tiny(seed: int = 0, conv_transpose: bool = False, logit_scale: float = TINY_LOGIT_SCALE):
+    """(sam, decoder) with random weights from ``seed``.
+
+    The output layers of the mask hypernetworks are scaled by ``logit_scale``: with PyTorch's default init the
+    mask logits stay within +-0.5, so every stability score would be 0 and APG/AMG scores would all tie.
+    """
     from segment_anything.build_sam import _build_sam
     torch.manual_seed(seed)
     sam = _build_sam(checkpoint=None, **TINY_ARCH)
+    with torch.no_grad():
+        for mlp in sam.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight *= logit_scale
+            mlp.layers[-1].bias *= logit_scale
     decoder = InstanceDecoder(sam.image_encoder, None, use_conv_transpose=conv_transpose,
                               initial_features=TINY_DECODER_FEATURES)
     return sam.eval(), decoder.eval()
@@ -46,6 +55,7 @@ def write_tiny_model(directory: str | os.PathLike, seed: int = 0, conv_transpose
     (directory / "README.txt").write_text(
         "UNTRAINED tiny random-weight SAM + decoder, written by `python -m pipeline_lib tiny-model`.\n"
         "For tests and offline smoke runs only: its segmentations are meaningless.\n"
-        f"Architecture: {TINY_ARCH}, decoder initial_features={TINY_DECODER_FEATURES}, seed={seed}.\n"
+        f"Architecture: {TINY_ARCH}, decoder initial_features={TINY_DECODER_FEATURES}, seed={seed}, "
+        f"mask hypernetwork output x{TINY_LOGIT_SCALE}.\n"
         "Use with: model: {checkpoint: DIR/sam.pt, decoder: DIR/decoder.pt}\n")
     return {"checkpoint": str(directory / "sam.pt"), "decoder": str(directory / "decoder.pt")}

@@ -1,0 +1,136 @@
+"""Mask candidates -> instance labels: sparse mask-IoU NMS and exclusive painting (APG and AMG).
+
+Masks are CSR pixel lists in field coordinates. Overlaps come from one sparse product ``M @ M.T``, which only
+touches pairs that share pixels (never a dense N x N matrix), and the greedy NMS is resolved in vectorised
+rounds over those pairs instead of a Python loop over masks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import sparse
+from skimage.measure import label as cc_label
+
+
+def csr_take(ptr: np.ndarray, pixels: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ptr, pixels) of the selected rows of a CSR pixel list, in the order of ``rows``."""
+    lengths = (ptr[1:] - ptr[:-1])[rows]
+    out = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(lengths, out=out[1:])
+    owner = np.repeat(np.arange(len(rows)), lengths)
+    return out, pixels[ptr[rows][owner] + (np.arange(out[-1]) - out[:-1][owner])]
+
+
+@dataclass
+class Candidates:
+    """Candidate masks of one field: mask ``i`` is ``pixels[ptr[i]:ptr[i+1]]`` (flat ``y * width + x``)."""
+
+    shape: tuple[int, int]
+    ptr: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+    pixels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    area: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    iou: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    stability: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    bbox: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int64))
+    point: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float64))
+
+    def __len__(self) -> int:
+        return len(self.area)
+
+    def extend(self, ptr, pixels, area, iou, stability, bbox, point) -> None:
+        self.ptr = np.concatenate([self.ptr, self.ptr[-1] + np.asarray(ptr[1:])])
+        self.pixels = np.concatenate([self.pixels, pixels])
+        self.area = np.concatenate([self.area, area])
+        self.iou = np.concatenate([self.iou, iou])
+        self.stability = np.concatenate([self.stability, stability])
+        self.bbox = np.concatenate([self.bbox, bbox])
+        self.point = np.concatenate([self.point, point])
+
+    def subset(self, keep: np.ndarray) -> "Candidates":
+        keep = np.asarray(keep)
+        if keep.dtype == bool:
+            keep = np.flatnonzero(keep)
+        ptr, pixels = csr_take(self.ptr, self.pixels, keep)
+        return Candidates(self.shape, ptr, pixels, self.area[keep], self.iou[keep], self.stability[keep],
+                          self.bbox[keep], self.point[keep])
+
+    def owners(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self)), self.ptr[1:] - self.ptr[:-1])
+
+
+def overlaps(c: Candidates) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, intersection) for every pair i < j of masks sharing at least one pixel."""
+    n = len(c)
+    if n < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    m = sparse.csr_matrix((np.ones(len(c.pixels), np.int32), c.pixels, c.ptr),
+                          shape=(n, int(np.prod(c.shape))))
+    inter = sparse.triu(m @ m.T, k=1).tocoo()
+    return inter.row.astype(np.int64), inter.col.astype(np.int64), inter.data.astype(np.int64)
+
+
+def greedy_nms(scores: np.ndarray, i: np.ndarray, j: np.ndarray, suppress: np.ndarray) -> np.ndarray:
+    """Indices kept by greedy NMS (highest score first; ties by index) given the pairs that suppress.
+
+    Same result as the sequential loop: a mask is kept iff no kept mask ranked above it suppresses it.
+    Solved in rounds; each round decides at least the highest-ranked undecided mask.
+    """
+    n = len(scores)
+    order = np.lexsort((np.arange(n), -np.asarray(scores, np.float64)))
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    i, j = i[suppress], j[suppress]
+    src = np.where(rank[i] < rank[j], i, j)
+    dst = np.where(rank[i] < rank[j], j, i)
+    state = np.zeros(n, np.int8)  # 0 undecided, 1 kept, 2 suppressed
+    while True:
+        und = state == 0
+        if not und.any():
+            break
+        hit = np.zeros(n, bool)
+        hit[dst[state[src] == 1]] = True
+        wait = np.zeros(n, bool)
+        wait[dst[state[src] == 0]] = True
+        state[und & hit] = 2
+        state[und & ~hit & ~wait] = 1
+    kept = np.flatnonzero(state == 1)
+    return kept[np.argsort(rank[kept], kind="stable")]
+
+
+def mask_nms(c: Candidates, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Greedy NMS on mask IoU (pairs with IoU > ``threshold`` suppress), in score order."""
+    i, j, inter = overlaps(c)
+    union = c.area[i] + c.area[j] - inter
+    iou = inter / np.maximum(union, 1)
+    return greedy_nms(scores, i, j, iou > threshold)
+
+
+def paint(c: Candidates, order: np.ndarray, min_size: int = 0, drop_largest: bool = False) -> np.ndarray:
+    """Instance labels from masks painted in ``order`` (largest first), each only on unclaimed pixels.
+
+    As micro-sam's ``mask_data_to_segmentation``: paint exclusively, split each painted object into its
+    4-connected fragments, drop fragments smaller than ``min_size`` (and the largest one with
+    ``drop_largest``, AMG's background), relabel consecutively in raster order. Returns uint32 labels.
+    """
+    h, w = c.shape
+    seg = np.zeros(h * w, np.uint32)
+    if len(order):
+        sub = c.subset(order)
+        rank = sub.owners()
+        pix = sub.pixels
+        # first claim wins: stable sort by pixel keeps the paint order within a pixel
+        o = np.argsort(pix, kind="stable")
+        pix, rank = pix[o], rank[o]
+        first = np.ones(len(pix), bool)
+        first[1:] = pix[1:] != pix[:-1]
+        seg[pix[first]] = rank[first] + 1
+    frag = cc_label(seg.reshape(h, w), connectivity=1, background=0).astype(np.uint32)
+    sizes = np.bincount(frag.ravel())
+    drop = sizes < min_size
+    if drop_largest:  # micro-sam: the largest id, background included (then nothing is dropped)
+        drop[int(np.argmax(sizes))] = True
+    drop[0] = True
+    lut = np.zeros(len(sizes), np.uint32)
+    lut[~drop] = np.arange(1, int((~drop).sum()) + 1, dtype=np.uint32)
+    return lut[frag]
