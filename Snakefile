@@ -1,7 +1,10 @@
 # SAM-based instance segmentation of OME-Zarr plates and images.
 #   snakemake --cores 4 --configfile my_config.yaml           (local)
 #   snakemake --profile profiles/slurm --configfile my.yaml    (cluster)
-# Data flow: model -> plan (checkpoint) -> predict (GPU, per batch) -> segment (CPU, per batch) -> aggregate
+# Data flow: model -> plan (checkpoint) -> per batch of fields:
+#   ais:     predict (GPU: decoder maps) -> segment (CPU: watershed)
+#   apg/amg: segment (GPU: embed, decode prompts, mask NMS)
+# -> aggregate
 from pipeline_lib.config import validate_config
 
 if not config:
@@ -10,13 +13,21 @@ if not config:
 CFG = validate_config(config, source="the Snakemake config")
 OUT = CFG["output"]
 USE_MODEL = not CFG["predictions"]
+METHOD = CFG["method"]  # "auto" is resolved by validate_config
 
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/plan.smk"
-include: "workflow/rules/predict.smk"
-include: "workflow/rules/segment.smk"
+if METHOD == "ais":
+
+    include: "workflow/rules/predict.smk"
+    include: "workflow/rules/segment.smk"
+
+else:
+
+    include: "workflow/rules/prompt_segment.smk"
+
 include: "workflow/rules/aggregate.smk"
 
 

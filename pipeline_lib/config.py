@@ -51,7 +51,26 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
     if cfg.get("predictions") is None and cfg["model"].get("decoder") and not cfg["model"].get("checkpoint"):
         raise ConfigError(f"{source}: model.decoder is set but model.checkpoint is not; give both, "
                           "or use model.name for a published model.")
+    cfg["method"] = resolve_method(cfg, source)
     return cfg
+
+
+def resolve_method(cfg: dict[str, Any], source: str = "config") -> str:
+    """The concrete method for ``method: auto`` (and a check that the choice can run at all)."""
+    from .models.registry import MODELS
+    method = cfg["method"]
+    model = cfg["model"]
+    published = None if model.get("checkpoint") else MODELS.get(model["name"])
+    if cfg.get("predictions"):
+        if method == "amg":
+            raise ConfigError(f"{source}: method 'amg' does not use decoder maps, so `predictions` has no "
+                              "effect with it. Drop `predictions`, or use method 'apg' or 'ais'.")
+        return "ais" if method == "auto" else method
+    if method != "auto":
+        return method
+    if published is not None and published.decoder is None:
+        return "amg"
+    return "apg"
 
 
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -60,13 +79,34 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     return validate_config(raw, source=str(path))
 
 
+def _model_name(cfg: dict[str, Any]) -> str | None:
+    return None if cfg["model"].get("checkpoint") else cfg["model"]["name"]
+
+
+def apg_params(cfg: dict[str, Any]):
+    from .instances.apg import APGParams
+    a = cfg["apg"]
+    return APGParams(a["foreground_threshold"], a["center_distance_threshold"], a["boundary_distance_threshold"],
+                     a["min_size"], a["nms_threshold"])
+
+
+def amg_params(cfg: dict[str, Any]):
+    """AMGParams, with micro-sam's tuned thresholds for its models where the config leaves them null."""
+    from .instances.apg import AMGParams
+    from .models.registry import AMG_DEFAULTS
+    a = cfg["amg"]
+    d = AMG_DEFAULTS.get(_model_name(cfg) or "", {"pred_iou_threshold": 0.88, "stability_score_threshold": 0.95})
+    pick = (lambda k: a[k] if a[k] is not None else d[k])
+    return AMGParams(a["points_per_side"], pick("pred_iou_threshold"), pick("stability_score_threshold"),
+                     a["nms_threshold"], a["min_size"], a["remove_background"])
+
+
 def ais_params(cfg: dict[str, Any]):
     """AISParams from the config, with micro-sam's per-model thresholds where the config leaves them null."""
     from .instances.ais import AISParams
     from .models.registry import ais_defaults
     a = cfg["ais"]
-    name = None if cfg["model"].get("checkpoint") else cfg["model"]["name"]
-    d = ais_defaults(name)
+    d = ais_defaults(_model_name(cfg))
     return AISParams(
         center_distance_threshold=a["center_distance_threshold"] if a["center_distance_threshold"] is not None
         else d["center_distance_threshold"],

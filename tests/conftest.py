@@ -38,3 +38,16 @@ def run_workflow(cfg: dict, workdir: Path, extra: tuple = (), check: bool = True
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def subset_plate(src: Path, dst: Path, wells: list[str]) -> Path:
+    """A writable copy of an NGFF 0.4 plate keeping only ``wells`` (e.g. ["A/2", "B/4"])."""
+    import json
+    import shutil
+    shutil.copytree(src, dst, ignore=lambda d, names: [
+        n for n in names if Path(d).parent == Path(src) and f"{Path(d).name}/{n}" not in wells
+        and (Path(d) / n).is_dir()])
+    attrs = json.loads((dst / ".zattrs").read_text())
+    attrs["plate"]["wells"] = [w for w in attrs["plate"]["wells"] if w["path"] in wells]
+    (dst / ".zattrs").write_text(json.dumps(attrs))
+    return dst

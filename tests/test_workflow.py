@@ -38,7 +38,7 @@ def test_real_plate_tiny_model(real_plate, tiny_model, tmp_path):
     before = np.asarray(zarr.open_array(f"{plate}/A/12/0/s0", mode="r"))
     cfg = {"input": str(plate), "output": str(tmp_path / "out"), "tiling": {"tile": 1024, "halo": 64},
            "model": {"checkpoint": tiny_model["checkpoint"], "decoder": tiny_model["decoder"], "device": "cpu"},
-           "batching": {"fields_per_job": 14}, "ais": {"keep_unseeded": True}}
+           "batching": {"fields_per_job": 14}, "method": "ais", "ais": {"keep_unseeded": True}}
     run_workflow(cfg, tmp_path)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["n_fields"] == 28 and len(summary["fields"]) == 28

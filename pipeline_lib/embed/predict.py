@@ -85,6 +85,48 @@ def _batches(items: Iterator[tuple[FieldTask, Block]], batch_size: int, pool: Th
         yield [f.result() for f in pending.pop(0)]
 
 
+def _place_maps(model: SamModel, raw: torch.Tensor, batch: list[_Tile],
+                write: Callable[[_Tile, np.ndarray], None]) -> None:
+    """Resample decoder outputs to each tile's size (grouped by size, as torch-em's postprocess_masks)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(batch):
+        groups.setdefault(t.block.outer_shape, []).append(i)
+    for original, idx in groups.items():
+        maps = model.decoder.resample(raw[idx], input_size(original), original).cpu().numpy()
+        for j, i in enumerate(idx):
+            write(batch[i], maps[j])
+
+
+@torch.no_grad()
+def embed_field(model: SamModel, task: FieldTask, tile: int = 512, halo: int = 64, batch_size: int = 8,
+                precision: str = "fp32", with_maps: bool = True,
+                progress: Callable[[int], None] | None = None) -> tuple[list[Block], torch.Tensor, np.ndarray | None]:
+    """Tile embeddings (T, C, 64, 64, on the device, ``block_grid`` order) and, with ``with_maps``, the
+    field's float32 decoder maps (3, Y, X) held in memory (also written to ``task.out`` if it is set).
+
+    For APG/AMG, which decode prompts against the embeddings of a whole field.
+    """
+    device = model.device
+    blocks = block_grid(task.image.shape, tile, halo)
+    maps = np.zeros((3,) + tuple(task.image.shape), np.float32) if with_maps else None
+    embs = []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for batch in _batches(_tiles([task], tile, halo), batch_size, pool):
+            x = normalize_and_pad([t.pixels for t in batch], device)
+            with _autocast(device, precision):
+                emb = model.sam.image_encoder(x)
+                raw = model.decoder.forward_features(emb) if with_maps else None
+            embs.append(emb.float())
+            if with_maps:
+                _place_maps(model, raw.float(), batch, lambda t, m: maps.__setitem__(
+                    (slice(None),) + t.block.inner, m[(slice(None),) + t.block.inner_local]))
+            if progress:
+                progress(len(batch))
+    if with_maps and task.out is not None:
+        task.out[...] = maps.astype(np.float16)
+    return blocks, torch.cat(embs), maps
+
+
 @torch.no_grad()
 def predict_maps(model: SamModel, tasks: Sequence[FieldTask], tile: int = 512, halo: int = 64,
                  batch_size: int = 8, precision: str = "fp32",
@@ -100,17 +142,8 @@ def predict_maps(model: SamModel, tasks: Sequence[FieldTask], tile: int = 512, h
             with _autocast(device, precision):
                 emb = model.sam.image_encoder(x)
                 raw = model.decoder.forward_features(emb)
-            raw = raw.float()
-            # resample per group of equal tile size (border tiles differ), as torch-em postprocess_masks
-            groups: dict[tuple, list[int]] = {}
-            for i, t in enumerate(batch):
-                groups.setdefault(t.block.outer_shape, []).append(i)
-            for original, idx in groups.items():
-                maps = model.decoder.resample(raw[idx], input_size(original), original)
-                maps = maps.to(torch.float16).cpu().numpy()
-                for j, i in enumerate(idx):
-                    t = batch[i]
-                    t.task.out[(slice(None),) + t.block.inner] = maps[j][(slice(None),) + t.block.inner_local]
+            _place_maps(model, raw.float(), batch, lambda t, m: t.task.out.__setitem__(
+                (slice(None),) + t.block.inner, m[(slice(None),) + t.block.inner_local].astype(np.float16)))
             n += len(batch)
             if progress:
                 progress(len(batch))

@@ -11,10 +11,11 @@ from ..models.registry import get_published
 
 def resolve_model(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     """Model files and hashes as a JSON-able dict; fails early with an actionable message."""
-    if cfg.get("predictions"):
+    method = cfg["method"]
+    if cfg.get("predictions") and method == "ais":
         return {"skipped": True, "reason": f"predictions given: {cfg['predictions']}"}
     m = cfg["model"]
-    needs_decoder = cfg["method"] == "ais"
+    needs_decoder = method == "ais" or (method == "apg" and not cfg.get("predictions"))
     if m.get("checkpoint"):
         ckpt = m["checkpoint"]
         if not os.path.isfile(ckpt):
@@ -23,7 +24,7 @@ def resolve_model(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]:
             raise ModelLoadError(f"model.decoder '{m['decoder']}' does not exist.")
         if needs_decoder and not m.get("decoder") and "decoder_state" not in _torch_load(ckpt):
             raise ModelLoadError(
-                f"'{ckpt}' holds no decoder_state and model.decoder is not set, but method 'ais' needs an "
+                f"'{ckpt}' holds no decoder_state and model.decoder is not set, but method '{method}' needs an "
                 "instance-segmentation decoder. Give model.decoder, or use method 'amg'.")
         out = {"name": os.path.basename(ckpt), "checkpoint": os.path.abspath(ckpt),
                "checkpoint_xxh128": file_xxh128(ckpt)}
@@ -33,7 +34,7 @@ def resolve_model(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     published = get_published(m["name"])
     if needs_decoder and published.decoder is None:
         raise ModelLoadError(f"model '{m['name']}' (original SAM) has no instance-segmentation decoder, but "
-                             "method 'ais' needs one. Use a micro-sam model such as vit_b_lm, or method 'amg'.")
+                             f"method '{method}' needs one. Use a micro-sam model such as vit_b_lm, or method 'amg'.")
     return ensure_published(m["name"], m.get("cache_dir"), progress=progress)
 
 

@@ -14,11 +14,15 @@ from ..tiling import block_grid
 from .model import load_resolved
 
 
-def _task(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]) -> FieldTask:
+def field_task(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any],
+               with_predictions: bool = True) -> FieldTask:
+    """The field's 2D plane to encode, and (``with_predictions``) its fresh predictions image to fill."""
     img = open_field(plan["input"], f["path"])
     plane = Plane2D(img, img.channel_index(cfg["channel"]))
-    group = zarr.open_group(f["predictions"], mode="a", zarr_format=plan["zarr_format"])
-    out = create_predictions_image(group, plane.shape, (cfg["tiling"]["tile"],) * 2, plan["version"])
+    out = None
+    if with_predictions:
+        group = zarr.open_group(f["predictions"], mode="a", zarr_format=plan["zarr_format"])
+        out = create_predictions_image(group, plane.shape, (cfg["tiling"]["tile"],) * 2, plan["version"])
     vr = field_value_range(plane) if cfg["encoder"]["normalization"] == "field" else None
     return FieldTask(f["key"], plane, out, vr)
 
@@ -35,7 +39,7 @@ def run_predict_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, mod
             status[f["key"]] = {"status": "failed", "error": f["error"]}
             continue
         try:
-            tasks.append(_task(cfg, plan, f))
+            tasks.append(field_task(cfg, plan, f))
         except (InputError, OSError, ValueError) as e:
             status[f["key"]] = {"status": "failed", "error": str(e)}
     t, h = cfg["tiling"]["tile"], cfg["tiling"]["halo"]

@@ -44,6 +44,37 @@ def _label_group(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]):
     return img, group
 
 
+def label_table(f: dict[str, Any], label: np.ndarray, area: np.ndarray, centroid: np.ndarray) -> pd.DataFrame:
+    """The per-object rows of one field (``TABLE_COLUMNS``)."""
+    return pd.DataFrame({
+        "plate": f["plate"], "well": f["well"], "row": f["row"], "column": f["column"], "field": f["field"],
+        "label": label.astype(np.uint32), "area": area, "centroid_y": centroid[0], "centroid_x": centroid[1]},
+        columns=TABLE_COLUMNS)
+
+
+def finish_labels(img, group) -> None:
+    """Downsample level 0 of a written label image into its pyramid (the image's levels and scales)."""
+    _, idx = spatial_label_axes(img)
+    scales = [[img.scale(k)[i] for i in idx] for k in range(img.n_levels)]
+    build_pyramid(group, [d["path"] for d in img.datasets], scales)
+
+
+def write_field_labels(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any],
+                       labels: np.ndarray) -> pd.DataFrame:
+    """Write an in-memory 2D label image (consecutive ids) as the field's NGFF labels; return its table."""
+    img, group = _label_group(cfg, plan, f)
+    Plane2DView(group[img.datasets[0]["path"]])[np.s_[:, :]] = labels
+    finish_labels(img, group)
+    flat = labels.ravel().astype(np.int64)
+    n = int(flat.max()) if flat.size else 0
+    area = np.bincount(flat, minlength=n + 1)
+    yy, xx = np.indices(labels.shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cy = np.bincount(flat, weights=yy.ravel(), minlength=n + 1) / area
+        cx = np.bincount(flat, weights=xx.ravel(), minlength=n + 1) / area
+    return label_table(f, np.arange(1, n + 1), area[1:], np.stack([cy[1:], cx[1:]]))
+
+
 def segment_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]) -> tuple[dict, pd.DataFrame]:
     maps = zarr.open_array(os.path.join(f["predictions"], "0"), mode="r")
     img, group = _label_group(cfg, plan, f)
@@ -58,13 +89,8 @@ def segment_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]) 
         t0 = time.time()
         res = ais_blockwise(maps, out, ais_params(cfg), block=cfg["tiling"]["tile"], halo=cfg["tiling"]["halo"],
                             scratch=scratch)
-    _, idx = spatial_label_axes(img)
-    scales = [[img.scale(k)[i] for i in idx] for k in range(img.n_levels)]
-    build_pyramid(group, [d["path"] for d in img.datasets], scales)
-    table = pd.DataFrame({
-        "plate": f["plate"], "well": f["well"], "row": f["row"], "column": f["column"], "field": f["field"],
-        "label": res["label"].astype(np.uint32), "area": res["area"],
-        "centroid_y": res["centroid"][0], "centroid_x": res["centroid"][1]}, columns=TABLE_COLUMNS)
+    finish_labels(img, group)
+    table = label_table(f, res["label"], res["area"], res["centroid"])
     info = {"status": "ok" if res["n_objects"] else "empty", "n_objects": res["n_objects"],
             "n_rescued": res["n_rescued"], "seconds": round(time.time() - t0, 3)}
     return info, table
@@ -88,11 +114,17 @@ def run_segment_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, pre
         except (InputError, OSError, ValueError, KeyError) as e:
             traceback.print_exc()
             status[f["key"]] = {"status": "failed", "n_objects": 0, "error": f"{type(e).__name__}: {e}"}
+    return write_batch_outputs(batch, status, tables, out_json, out_table)
+
+
+def write_batch_outputs(batch: str, status: dict, tables: list[pd.DataFrame], out_json: str, out_table: str,
+                        **extra: Any) -> dict[str, Any]:
+    """The per-batch table (parquet) and status (JSON), each written atomically, the table first."""
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=TABLE_COLUMNS)
     os.makedirs(os.path.dirname(out_table), exist_ok=True)
     tmp = out_table + ".tmp"
     table.to_parquet(tmp, index=False)
     os.replace(tmp, out_table)
-    result = {"batch": batch, "fields": status}
+    result = {"batch": batch, **extra, "fields": status}
     write_json_atomic(out_json, result)
     return result

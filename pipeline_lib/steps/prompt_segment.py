@@ -1,0 +1,89 @@
+"""APG / AMG for one batch of fields in one GPU job: embed each field, decode its prompts, write its labels.
+
+The embeddings of a field stay on the device while its prompts are decoded (they are never written to
+disk: 2-4 MB per tile); the decoder maps are also written to predictions.ome.zarr for QC (APG only).
+With ``predictions`` set, APG takes its maps from that store and runs only SAM (encoder + prompts).
+"""
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from typing import Any
+
+import os
+
+import numpy as np
+import zarr
+from tqdm import tqdm
+
+from ..config import amg_params, apg_params
+from ..embed.predict import embed_field
+from ..embed.prompt_decoder import PromptDecoder, decode_points
+from ..instances.apg import amg_segment, apg_segment
+from ..io.ome_zarr import InputError
+from .model import load_resolved
+from .predict import field_task
+from .segment import write_batch_outputs, write_field_labels
+
+
+def read_maps(path: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A field's (3, Y, X) decoder maps from a predictions store, as float32."""
+    arr = zarr.open_array(os.path.join(path, "0"), mode="r")
+    if tuple(arr.shape[-2:]) != tuple(shape) or arr.shape[0] != 3:
+        raise InputError(f"predictions '{path}' have shape {arr.shape}, expected (3, {shape[0]}, {shape[1]}) "
+                         "for this field: were they made from another input?")
+    return np.asarray(arr[...], dtype=np.float32)
+
+
+def segment_field_prompts(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any], model,
+                          decoder: PromptDecoder) -> tuple[dict, Any]:
+    method = cfg["method"]
+    t0 = time.time()
+    run_decoder = method == "apg" and not cfg["predictions"]
+    task = field_task(cfg, plan, f, with_predictions=run_decoder)
+    tile, halo = cfg["tiling"]["tile"], cfg["tiling"]["halo"]
+    blocks, emb, maps = embed_field(model, task, tile, halo, cfg["encoder"]["batch_size"],
+                                    cfg["encoder"]["precision"], with_maps=run_decoder)
+    if method == "apg" and maps is None:  # decoder maps given by `predictions`
+        maps = read_maps(f["predictions"], task.image.shape)
+    decoder.set_tiles(emb)
+    shape = tuple(task.image.shape)
+    if method == "apg":
+        p = apg_params(cfg)
+        keep = (lambda mb, iou: mb.area > p.min_size)
+        decode = (lambda t, pts: decode_points(decoder, blocks, shape, t, pts, cfg["apg"]["batch_size"], keep=keep))
+        labels, info = apg_segment(maps, tile, decode, p)
+    else:
+        p = amg_params(cfg)
+        keep = (lambda mb, iou: (iou > p.pred_iou_threshold) & (mb.stability >= p.stability_score_threshold)
+                & (mb.area > 0))
+        decode = (lambda t, pts: decode_points(decoder, blocks, shape, t, pts, cfg["amg"]["batch_size"],
+                                               multimask=True, keep=keep))
+        labels, info = amg_segment(shape, blocks, decode, p)
+    table = write_field_labels(cfg, plan, f, labels)
+    n = len(table)
+    return {"status": "ok" if n else "empty", "n_objects": n, **info, "seconds": round(time.time() - t0, 3)}, table
+
+
+def run_prompt_segment_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, model_info: dict[str, Any],
+                             out_json: str, out_table: str) -> dict[str, Any]:
+    """Segment every field of ``batch``; a field that fails is reported by name, the others finish."""
+    fields = [plan["fields"][i] for i in plan["batches"][batch]]
+    model = load_resolved(model_info, cfg["model"]["device"],
+                          require_decoder=cfg["method"] == "apg" and not cfg["predictions"])
+    decoder = PromptDecoder(model.sam)
+    status, tables = {}, []
+    for f in tqdm(fields, desc=f"{cfg['method']} {batch} ({model.device})", unit="field", file=sys.stderr):
+        if "error" in f:
+            status[f["key"]] = {"status": "failed", "n_objects": 0, "error": f["error"]}
+            continue
+        try:
+            info, table = segment_field_prompts(cfg, plan, f, model, decoder)
+            status[f["key"]] = info
+            tables.append(table)
+        except (InputError, OSError, ValueError, KeyError) as e:
+            traceback.print_exc()
+            status[f["key"]] = {"status": "failed", "n_objects": 0, "error": f"{type(e).__name__}: {e}"}
+    return write_batch_outputs(batch, status, tables, out_json, out_table, device=str(model.device),
+                               method=cfg["method"])

@@ -1,0 +1,19 @@
+# GPU step for APG / AMG: per batch of fields, embed each field, decode its prompts (batched across
+# tiles), mask NMS, and write labels/<name> of each field plus the batch's object table.
+rule segment:
+    input:
+        plan=f"{OUT}/plan.json",
+        model=f"{OUT}/model.json",
+    output:
+        json=f"{OUT}/jobs/segment/{{batch}}.json",
+        table=f"{OUT}/jobs/segment/{{batch}}.parquet",
+    params:
+        method=CFG["method"], apg=CFG["apg"], amg=CFG["amg"], encoder=CFG["encoder"], tiling=CFG["tiling"],
+        labels=CFG["labels"], channel=CFG["channel"],
+    threads: 4
+    resources:
+        gpu=1,
+    run:
+        from pipeline_lib.steps.prompt_segment import run_prompt_segment_batch
+        run_prompt_segment_batch(CFG, read_json_file(input.plan), wildcards.batch, read_json_file(input.model),
+                                 output.json, output.table)
