@@ -239,12 +239,13 @@ def decode_points(decoder: PromptDecoder, blocks: Sequence[Block], field_shape: 
         return cand
     shapes = [b.outer_shape for b in blocks]
     origins = np.array([[b.outer[0].start, b.outer[1].start] for b in blocks], np.int64)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for k, t in enumerate(tile):
-        groups.setdefault(shapes[t], []).append(k)
-    for shape, members in groups.items():
-        members = np.array(members)
-        members = members[np.argsort(tile[members], kind="stable")]
+    # prompts grouped by the outer shape of their tile (border tiles differ), sorted by tile within a group
+    shape_ids, shape_of_tile = np.unique(np.array(shapes), axis=0, return_inverse=True)
+    order = np.lexsort((tile, shape_of_tile.ravel()[tile]))
+    group_of = shape_of_tile.ravel()[tile][order]
+    for g in np.unique(group_of):
+        members = order[group_of == g]
+        shape = tuple(int(v) for v in shape_ids[g])
         ih, iw = input_size(shape)
         scale = np.array([iw / shape[1], ih / shape[0]])
         for s in range(0, len(members), batch_size):

@@ -24,12 +24,12 @@ def make_plan(cfg: dict[str, Any], layout: StoreLayout | None = None) -> dict[st
     """The job plan: fields with their image, predictions and labels paths, and batches of field indices."""
     layout = layout or describe_store(cfg["input"])
     root = os.path.abspath(cfg["input"])
-    pred_root = predictions_root(cfg)
+    pred_root = None if cfg["method"] == "amg" else predictions_root(cfg)  # AMG has no decoder maps
     lab_root = labels_root(cfg)
     fields, errors = [], []
     for ref in layout.fields:
         entry = dict(ref.to_dict(), key=ref.key, image=_join(root, ref.path),
-                     predictions=_join(pred_root, ref.path), labels=_join(lab_root, ref.path, "labels",
+                     predictions=_join(pred_root, ref.path) if pred_root else None, labels=_join(lab_root, ref.path, "labels",
                                                                           cfg["labels"]["name"]))
         try:
             img = open_field(root, ref)
@@ -72,7 +72,7 @@ def write_plan(cfg: dict[str, Any], path: str) -> dict[str, Any]:
     """Make the plan, create the plate/well hierarchy of the output stores (metadata written once here)."""
     layout = describe_store(cfg["input"])
     plan = make_plan(cfg, layout)
-    if not cfg.get("predictions"):
+    if plan["predictions_root"] and not cfg.get("predictions"):
         mirror_plate(layout, plan["predictions_root"])
     if cfg["labels"]["store"]:
         mirror_plate(layout, plan["labels_root"])

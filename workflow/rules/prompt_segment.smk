@@ -1,6 +1,6 @@
 # GPU step for APG / AMG: per batch of fields, embed each field, decode its prompts (batched across
 # tiles), mask NMS, and write labels/<name> of each field plus the batch's object table.
-rule segment:
+rule prompt_segment:
     input:
         plan=f"{OUT}/plan.json",
         model=f"{OUT}/model.json",
