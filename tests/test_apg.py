@@ -59,7 +59,7 @@ def _sequential_nms(scores, iou, thr):
 
 
 def _random_candidates(rng, n=60, shape=(64, 80)):
-    c = Candidates(shape)
+    parts = []
     for _ in range(n):
         y0, x0 = rng.integers(0, shape[0] - 8), rng.integers(0, shape[1] - 8)
         h, w = rng.integers(3, 20, size=2)
@@ -68,8 +68,9 @@ def _random_candidates(rng, n=60, shape=(64, 80)):
         if rng.random() < 0.5:  # near-duplicates to make NMS chains
             m[y0:y0 + h, x0:x0 + w - 1] = True
         pix = np.flatnonzero(m)
-        c.extend(np.array([0, len(pix)]), pix, np.array([len(pix)]), rng.random(1).astype(np.float32),
-                 np.ones(1, np.float32), np.zeros((1, 4), np.int64), np.zeros((1, 2)))
+        parts.append((np.array([0, len(pix)]), pix, np.array([len(pix)]), rng.random(1).astype(np.float32),
+                      np.ones(1, np.float32), np.zeros((1, 4), np.int64), np.zeros((1, 2))))
+    c = Candidates.concat(shape, parts)
     dense = np.zeros((n, shape[0] * shape[1]), bool)
     for k in range(n):
         dense[k, c.pixels[c.ptr[k]:c.ptr[k + 1]]] = True
@@ -118,15 +119,15 @@ def test_paint_equals_micro_sam_mask_data_to_segmentation(drop_largest):
 def _oracle_decode(labels, blocks):
     """Decode a point to the true object under it, clipped to the tile (+halo) that decodes it."""
     def decode(tile, pts):
-        c = Candidates(labels.shape)
+        parts = []
         for t, (y, x) in zip(tile, pts.astype(int)):
             m = np.zeros(labels.shape, bool)
             sl = blocks[t].outer
             m[sl] = labels[sl] == labels[y, x]
             pix = np.flatnonzero(m)
-            c.extend(np.array([0, len(pix)]), pix, np.array([len(pix)]), np.ones(1, np.float32),
-                     np.ones(1, np.float32), np.zeros((1, 4), np.int64), np.array([[y, x]], float))
-        return c
+            parts.append((np.array([0, len(pix)]), pix, np.array([len(pix)]), np.ones(1, np.float32),
+                          np.ones(1, np.float32), np.zeros((1, 4), np.int64), np.array([[y, x]], float)))
+        return Candidates.concat(labels.shape, parts)
     return decode
 
 
@@ -163,3 +164,11 @@ def test_tile_assignment_and_amg_grid():
         assert np.all((g[:, 0] >= b.inner[0].start) & (g[:, 0] < b.inner[0].stop))
         assert np.all((g[:, 1] >= b.inner[1].start) & (g[:, 1] < b.inner[1].stop))
     assert np.allclose(grid_points((10, 20), 2), [[2.5, 5], [2.5, 15], [7.5, 5], [7.5, 15]])
+
+
+def test_empty_field_gives_empty_labels():
+    labels = np.zeros((70, 90), np.uint32)
+    blocks = block_grid(labels.shape, 64, 16)
+    out, info = apg_segment(oracle_maps(labels), 64, _oracle_decode(labels, blocks))
+    assert info == {"n_prompts": 0, "n_candidates": 0}
+    assert out.shape == labels.shape and out.dtype == np.uint32 and out.max() == 0

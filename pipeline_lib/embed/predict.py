@@ -99,8 +99,7 @@ def _place_maps(model: SamModel, raw: torch.Tensor, batch: list[_Tile],
 
 @torch.no_grad()
 def embed_field(model: SamModel, task: FieldTask, tile: int = 512, halo: int = 64, batch_size: int = 8,
-                precision: str = "fp32", with_maps: bool = True,
-                progress: Callable[[int], None] | None = None) -> tuple[list[Block], torch.Tensor, np.ndarray | None]:
+                precision: str = "fp32", with_maps: bool = True) -> tuple[list[Block], torch.Tensor, np.ndarray | None]:
     """Tile embeddings (T, C, 64, 64, on the device, ``block_grid`` order) and, with ``with_maps``, the
     field's float32 decoder maps (3, Y, X) held in memory (also written to ``task.out`` if it is set).
 
@@ -120,8 +119,6 @@ def embed_field(model: SamModel, task: FieldTask, tile: int = 512, halo: int = 6
             if with_maps:
                 _place_maps(model, raw.float(), batch, lambda t, m: maps.__setitem__(
                     (slice(None),) + t.block.inner, m[(slice(None),) + t.block.inner_local]))
-            if progress:
-                progress(len(batch))
     if with_maps and task.out is not None:
         task.out[...] = maps.astype(np.float16)
     return blocks, torch.cat(embs), maps

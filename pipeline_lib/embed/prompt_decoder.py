@@ -33,11 +33,6 @@ def _heads_weight(lin: torch.nn.Linear, heads: int) -> tuple[torch.Tensor, torch
     return w.reshape(heads, w.shape[0] // heads, w.shape[1]), lin.bias.reshape(heads, -1)
 
 
-def _attn(att, q, k, v):
-    """Reference SAM attention (small inputs only: tokens attending to tokens)."""
-    return att(q=q, k=k, v=v)
-
-
 def _tokens_to_image(att, q_in: torch.Tensor, x_k: torch.Tensor, x_v: torch.Tensor) -> torch.Tensor:
     """Attention with queries = B x T prompt tokens and keys/values = B x N image tokens (C channels).
 
@@ -88,10 +83,10 @@ def _image_to_tokens_parts(att, k_in: torch.Tensor, v_in: torch.Tensor):
     return m, bias, vw, heads, t
 
 
-def _image_to_tokens_per_tile(att, x_tiles: torch.Tensor, tile: torch.Tensor, k_in: torch.Tensor,
-                              v_in: torch.Tensor) -> torch.Tensor:
-    """Image->token attention when the image-side queries (tiles x N x C) are shared per tile: one matmul
-    per tile for all its prompts, no per-prompt copy of the image tokens."""
+def _image_to_tokens_per_tile(att, x_tiles: torch.Tensor, residual: torch.Tensor, tile: torch.Tensor,
+                              k_in: torch.Tensor, v_in: torch.Tensor) -> torch.Tensor:
+    """``residual[tile] + attention`` for image->token attention whose image-side queries (tiles x N x C)
+    are shared per tile: one matmul per tile for all its prompts, no per-prompt copy of the image tokens."""
     m, bias, vw, heads, t = _image_to_tokens_parts(att, k_in, v_in)
     b = m.shape[0]
     out = torch.empty((b, x_tiles.shape[1], vw.shape[-1]), device=m.device, dtype=m.dtype)
@@ -100,7 +95,7 @@ def _image_to_tokens_per_tile(att, x_tiles: torch.Tensor, tile: torch.Tensor, k_
         ms = m[sel].permute(1, 0, 2).reshape(m.shape[1], -1)  # C x (n HT)
         sc = (x_tiles[ti] @ ms).reshape(-1, len(sel), heads * t).permute(1, 0, 2) + bias[sel]  # n N HT
         a = torch.softmax(sc.reshape(len(sel), -1, heads, t), dim=-1).reshape(len(sel), -1, heads * t)
-        out[sel] = torch.baddbmm(att.out_proj.bias.expand(len(sel), 1, -1), a, vw[sel])
+        out[sel] = torch.baddbmm(att.out_proj.bias.expand(len(sel), 1, -1), a, vw[sel]) + residual[ti]
     return out
 
 
@@ -134,9 +129,10 @@ class PromptDecoder:
         pe = self.pe.get_dense_pe().flatten(2).transpose(1, 2)  # 1 N C
         att = self.tr.layers[0].cross_attn_token_to_image
         heads = att.num_heads
-        k = att.k_proj(src + pe).reshape(t, h * w, heads, -1).transpose(1, 2).contiguous()
+        src_pe = src + pe
+        k = att.k_proj(src_pe).reshape(t, h * w, heads, -1).transpose(1, 2).contiguous()
         v = att.v_proj(src).reshape(t, h * w, heads, -1).transpose(1, 2).contiguous()
-        self._tiles = {"src": src, "src_pe": src + pe, "pe": pe, "k1": k, "v1": v, "hw": (h, w)}
+        self._tiles = {"src": src, "src_pe": src_pe, "pe": pe, "k1": k, "v1": v, "hw": (h, w)}
 
     def _sparse(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.pe._embed_points(coords, labels, pad=True)
@@ -168,10 +164,10 @@ class PromptDecoder:
         keys = None
         for i, layer in enumerate(tr.layers):
             if layer.skip_first_layer_pe:
-                queries = _attn(layer.self_attn, queries, queries, queries)
+                queries = layer.self_attn(q=queries, k=queries, v=queries)
             else:
                 q = queries + query_pe
-                queries = queries + _attn(layer.self_attn, q, q, queries)
+                queries = queries + layer.self_attn(q=q, k=q, v=queries)
             queries = layer.norm1(queries)
             if keys is None:  # first layer: image tokens are still per tile
                 attn = _tokens_to_image_shared(layer.cross_attn_token_to_image, queries + query_pe,
@@ -182,12 +178,8 @@ class PromptDecoder:
             queries = layer.norm2(queries + attn)
             queries = layer.norm3(queries + layer.mlp(queries))
             if keys is None:
-                out = _image_to_tokens_per_tile(layer.cross_attn_image_to_token, st["src_pe"], tile,
-                                                queries + query_pe, queries)
-                for t in torch.unique(tile).tolist():
-                    sel = tile == t
-                    out[sel] += st["src"][t]
-                keys = layer.norm4(out)
+                keys = layer.norm4(_image_to_tokens_per_tile(layer.cross_attn_image_to_token, st["src_pe"],
+                                                             st["src"], tile, queries + query_pe, queries))
             else:
                 keys = layer.norm4(keys + _image_to_tokens(layer.cross_attn_image_to_token, keys_pe,
                                                            queries + query_pe, queries))
@@ -224,19 +216,16 @@ def reference_decode(sam: torch.nn.Module, embedding: torch.Tensor, coords: torc
 
 def decode_points(decoder: PromptDecoder, blocks: Sequence[Block], field_shape: tuple[int, int],
                   tile: np.ndarray, points: np.ndarray, batch_size: int = 64, multimask: bool = False,
-                  keep: Callable[[MaskBatch, np.ndarray], np.ndarray] | None = None,
-                  progress: Callable[[int], None] | None = None) -> Candidates:
+                  keep: Callable[[MaskBatch, np.ndarray], np.ndarray] | None = None) -> Candidates:
     """Candidate masks for point prompts (y, x in field coordinates), each decoded against the embedding of
     ``blocks[tile[k]]`` (``set_tiles`` order) over the tile with its halo.
 
     Prompts of all tiles with the same outer shape share batches. ``keep(batch, iou)`` filters
     each batch before it is stored, so memory holds only the surviving masks.
     """
-    cand = Candidates(tuple(field_shape))
     tile = np.asarray(tile, np.int64)
     points = np.asarray(points, np.float64)
-    if len(points) == 0:
-        return cand
+    parts = []
     shapes = [b.outer_shape for b in blocks]
     origins = np.array([[b.outer[0].start, b.outer[1].start] for b in blocks], np.int64)
     # prompts grouped by the outer shape of their tile (border tiles differ), sorted by tile within a group
@@ -260,7 +249,5 @@ def decode_points(decoder: PromptDecoder, blocks: Sequence[Block], field_shape: 
             pts = np.repeat(points[idx], m, axis=0)
             sel = np.flatnonzero(keep(mb, iou_np) if keep is not None else np.ones(len(iou_np), bool))
             ptr, pix = csr_take(mb.ptr, mb.pixels, sel)
-            cand.extend(ptr, pix, mb.area[sel], iou_np[sel], mb.stability[sel], mb.bbox[sel], pts[sel])
-            if progress:
-                progress(len(idx))
-    return cand
+            parts.append((ptr, pix, mb.area[sel], iou_np[sel], mb.stability[sel], mb.bbox[sel], pts[sel]))
+    return Candidates.concat(tuple(field_shape), parts)

@@ -38,14 +38,16 @@ class Candidates:
     def __len__(self) -> int:
         return len(self.area)
 
-    def extend(self, ptr, pixels, area, iou, stability, bbox, point) -> None:
-        self.ptr = np.concatenate([self.ptr, self.ptr[-1] + np.asarray(ptr[1:])])
-        self.pixels = np.concatenate([self.pixels, pixels])
-        self.area = np.concatenate([self.area, area])
-        self.iou = np.concatenate([self.iou, iou])
-        self.stability = np.concatenate([self.stability, stability])
-        self.bbox = np.concatenate([self.bbox, bbox])
-        self.point = np.concatenate([self.point, point])
+    @classmethod
+    def concat(cls, shape: tuple[int, int], parts: list[tuple]) -> "Candidates":
+        """One field's candidates from batches ``(ptr, pixels, area, iou, stability, bbox, point)``, copied once."""
+        if not parts:
+            return cls(tuple(shape))
+        ptrs, pixels, area, iou, stability, bbox, point = zip(*parts)
+        offsets = np.cumsum([0] + [p[-1] for p in ptrs[:-1]])
+        ptr = np.concatenate([[0]] + [p[1:] + o for p, o in zip(ptrs, offsets)]).astype(np.int64)
+        return cls(tuple(shape), ptr, np.concatenate(pixels), np.concatenate(area), np.concatenate(iou),
+                   np.concatenate(stability), np.concatenate(bbox), np.concatenate(point))
 
     def subset(self, keep: np.ndarray) -> "Candidates":
         keep = np.asarray(keep)

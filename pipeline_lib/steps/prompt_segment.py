@@ -6,12 +6,11 @@ With ``predictions`` set, APG takes its maps from that store and runs only SAM (
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
 from typing import Any
-
-import os
 
 import numpy as np
 import zarr
@@ -27,13 +26,9 @@ from .predict import field_task
 from .segment import write_batch_outputs, write_field_labels
 
 
-def read_maps(path: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A field's (3, Y, X) decoder maps from a predictions store, as float32."""
-    arr = zarr.open_array(os.path.join(path, "0"), mode="r")
-    if tuple(arr.shape[-2:]) != tuple(shape) or arr.shape[0] != 3:
-        raise InputError(f"predictions '{path}' have shape {arr.shape}, expected (3, {shape[0]}, {shape[1]}) "
-                         "for this field: were they made from another input?")
-    return np.asarray(arr[...], dtype=np.float32)
+def read_maps(path: str) -> np.ndarray:
+    """A field's (3, Y, X) decoder maps from a predictions store, as float32 (shape checked by the plan)."""
+    return np.asarray(zarr.open_array(os.path.join(path, "0"), mode="r")[...], dtype=np.float32)
 
 
 def segment_field_prompts(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any], model,
@@ -46,7 +41,7 @@ def segment_field_prompts(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str
     blocks, emb, maps = embed_field(model, task, tile, halo, cfg["encoder"]["batch_size"],
                                     cfg["encoder"]["precision"], with_maps=run_decoder)
     if method == "apg" and maps is None:  # decoder maps given by `predictions`
-        maps = read_maps(f["predictions"], task.image.shape)
+        maps = read_maps(f["predictions"])
     decoder.set_tiles(emb)
     shape = tuple(task.image.shape)
     if method == "apg":
