@@ -5,7 +5,9 @@
 #   ais:     predict (GPU: decoder maps) -> segment (CPU: watershed)
 #   apg/amg: segment (GPU: embed, decode prompts, mask NMS)
 # -> aggregate
+# Volumes (single image with z > 1): workflow/rules/volume.smk (slices -> yx stitch -> 3D merge -> relabel).
 from pipeline_lib.config import validate_config
+from pipeline_lib.steps.volume_plan import input_is_volume
 
 if not config:
     raise ValueError("No config given: run with --configfile FILE (see config/config.yaml and README.md).")
@@ -14,12 +16,17 @@ CFG = validate_config(config, source="the Snakemake config")
 OUT = CFG["output"]
 USE_MODEL = not CFG["predictions"]
 METHOD = CFG["method"]  # "auto" is resolved by validate_config
+VOLUME = input_is_volume(CFG["input"])
 
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/plan.smk"
-if METHOD == "ais":
+if VOLUME:
+
+    include: "workflow/rules/volume.smk"
+
+elif METHOD == "ais":
 
     include: "workflow/rules/predict.smk"
     include: "workflow/rules/segment.smk"
@@ -28,7 +35,10 @@ else:
 
     include: "workflow/rules/prompt_segment.smk"
 
-include: "workflow/rules/aggregate.smk"
+if not VOLUME:
+
+    include: "workflow/rules/aggregate.smk"
+
 
 
 rule all:

@@ -114,3 +114,9 @@ def ais_params(cfg: dict[str, Any]):
         else d["boundary_distance_threshold"],
         foreground_threshold=a["foreground_threshold"], foreground_smoothing=a["foreground_smoothing"],
         distance_smoothing=a["distance_smoothing"], min_size=a["min_size"], keep_unseeded=a["keep_unseeded"])
+
+
+def merge3d_params(cfg: dict[str, Any]):
+    """Merge3DParams for the 3D merge of a volume's slices (``volume.merge``)."""
+    from .stitch.merge3d import Merge3DParams
+    return Merge3DParams(**cfg["volume"]["merge"])

@@ -98,30 +98,44 @@ def _place_maps(model: SamModel, raw: torch.Tensor, batch: list[_Tile],
 
 
 @torch.no_grad()
-def embed_field(model: SamModel, task: FieldTask, tile: int = 512, halo: int = 64, batch_size: int = 8,
-                precision: str = "fp32", with_maps: bool = True) -> tuple[list[Block], torch.Tensor, np.ndarray | None]:
-    """Tile embeddings (T, C, 64, 64, on the device, ``block_grid`` order) and, with ``with_maps``, the
-    field's float32 decoder maps (3, Y, X) held in memory (also written to ``task.out`` if it is set).
+def embed_tasks(model: SamModel, tasks: Sequence[FieldTask], tile: int = 512, halo: int = 64, batch_size: int = 8,
+                precision: str = "fp32", with_maps: bool = True
+                ) -> list[tuple[list[Block], torch.Tensor, np.ndarray | None]]:
+    """Per task: tile embeddings (T, C, 64, 64, on the device, ``block_grid`` order) and, with ``with_maps``,
+    its float32 decoder maps (3, Y, X) held in memory (also written to ``task.out`` if it is set).
 
-    For APG/AMG, which decode prompts against the embeddings of a whole field.
+    Tiles of all tasks share encoder batches (e.g. the slices of a volume block). For APG/AMG, which
+    decode prompts against the embeddings of a whole field.
     """
     device = model.device
-    blocks = block_grid(task.image.shape, tile, halo)
-    maps = np.zeros((3,) + tuple(task.image.shape), np.float32) if with_maps else None
-    embs = []
+    index = {id(t): i for i, t in enumerate(tasks)}
+    blocks = [block_grid(t.image.shape, tile, halo) for t in tasks]
+    maps = [np.zeros((3,) + tuple(t.image.shape), np.float32) if with_maps else None for t in tasks]
+    embs: list[list[torch.Tensor]] = [[] for _ in tasks]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for batch in _batches(_tiles([task], tile, halo), batch_size, pool):
+        for batch in _batches(_tiles(tasks, tile, halo), batch_size, pool):
             x = normalize_and_pad([t.pixels for t in batch], device)
             with _autocast(device, precision):
                 emb = model.sam.image_encoder(x)
                 raw = model.decoder.forward_features(emb) if with_maps else None
-            embs.append(emb.float())
+            emb = emb.float()
+            for k, t in enumerate(batch):
+                embs[index[id(t.task)]].append(emb[k:k + 1])
             if with_maps:
-                _place_maps(model, raw.float(), batch, lambda t, m: maps.__setitem__(
+                _place_maps(model, raw.float(), batch, lambda t, m: maps[index[id(t.task)]].__setitem__(
                     (slice(None),) + t.block.inner, m[(slice(None),) + t.block.inner_local]))
-    if with_maps and task.out is not None:
-        task.out[...] = maps.astype(np.float16)
-    return blocks, torch.cat(embs), maps
+    out = []
+    for i, task in enumerate(tasks):
+        if with_maps and task.out is not None:
+            task.out[...] = maps[i].astype(np.float16)
+        out.append((blocks[i], torch.cat(embs[i]), maps[i]))
+    return out
+
+
+def embed_field(model: SamModel, task: FieldTask, tile: int = 512, halo: int = 64, batch_size: int = 8,
+                precision: str = "fp32", with_maps: bool = True) -> tuple[list[Block], torch.Tensor, np.ndarray | None]:
+    """``embed_tasks`` for one field."""
+    return embed_tasks(model, [task], tile, halo, batch_size, precision, with_maps)[0]
 
 
 @torch.no_grad()

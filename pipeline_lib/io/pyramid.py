@@ -1,7 +1,8 @@
 """Label pyramids: each level is nearest-neighbour sampled from the level above, block by block."""
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Sequence
 
 import numpy as np
 import zarr
@@ -31,3 +32,32 @@ def build_pyramid(group: zarr.Group, paths: Sequence[str], scales: Sequence[Sequ
     for k in range(1, len(paths)):
         ratios = [b / a if a else 1.0 for a, b in zip(scales[k - 1], scales[k])]
         downsample_level(group[paths[k - 1]], group[paths[k]], ratios)
+
+
+def downsample_region(level0: Any, levels: Sequence[Any], ratios0: Sequence[Sequence[float]],
+                      region0: Sequence[slice], block: int = 1024) -> None:
+    """Fill the part of each coarser level that samples ``region0`` of level 0 (nearest, ``floor(i * R)``).
+
+    ``ratios0[k]`` is the scale of ``levels[k]`` over level 0 per axis. Disjoint regions of level 0 own
+    disjoint parts of every level, so jobs that each own a slab can build their part concurrently.
+    Arrays are (z, y, x) views; work goes slice by slice in yx blocks, so memory stays bounded.
+    """
+    for dst, ratios in zip(levels, ratios0):
+        owned = []
+        for r, ratio, n in zip(region0, ratios, dst.shape):
+            lo, hi = math.ceil(r.start / ratio - 1e-9), math.ceil(r.stop / ratio - 1e-9)
+            owned.append(slice(min(lo, n), min(hi, n)))
+        if any(s.start >= s.stop for s in owned):
+            continue
+        for z in range(owned[0].start, owned[0].stop):
+            zsrc = min(int(math.floor(z * ratios[0])), level0.shape[0] - 1)
+            yx = (slice(owned[1].start, owned[1].stop), slice(owned[2].start, owned[2].stop))
+            for b in block_grid((yx[0].stop - yx[0].start, yx[1].stop - yx[1].start), block):
+                iy = np.clip(np.floor((np.arange(b.inner[0].start, b.inner[0].stop) + yx[0].start) * ratios[1])
+                             .astype(np.int64), 0, level0.shape[1] - 1)
+                ix = np.clip(np.floor((np.arange(b.inner[1].start, b.inner[1].stop) + yx[1].start) * ratios[2])
+                             .astype(np.int64), 0, level0.shape[2] - 1)
+                src = np.asarray(level0[zsrc, int(iy[0]):int(iy[-1]) + 1, int(ix[0]):int(ix[-1]) + 1])
+                dst[z, b.inner[0].start + yx[0].start:b.inner[0].stop + yx[0].start,
+                    b.inner[1].start + yx[1].start:b.inner[1].stop + yx[1].start] = \
+                    src[np.ix_(iy - iy[0], ix - ix[0])]

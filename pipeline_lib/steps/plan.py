@@ -6,6 +6,8 @@ from typing import Any
 
 from ..io.ome_zarr import (InputError, Plane2D, StoreLayout, describe_store, mirror_plate, open_field, open_group,
                            write_json_atomic)
+from ..io.volume import is_volume
+from .volume_plan import create_volume_stores, make_volume_plan
 
 
 def predictions_root(cfg: dict[str, Any]) -> str:
@@ -71,6 +73,11 @@ def _check_predictions(path: str, fields: list[dict]) -> None:
 def write_plan(cfg: dict[str, Any], path: str) -> dict[str, Any]:
     """Make the plan, create the plate/well hierarchy of the output stores (metadata written once here)."""
     layout = describe_store(cfg["input"])
+    if layout.kind == "image" and is_volume(open_field(cfg["input"], "")):
+        plan = make_volume_plan(cfg, layout)
+        create_volume_stores(cfg, plan)
+        write_json_atomic(path, plan)
+        return plan
     plan = make_plan(cfg, layout)
     if plan["predictions_root"] and not cfg.get("predictions"):
         mirror_plate(layout, plan["predictions_root"])

@@ -31,6 +31,23 @@ def read_maps(path: str) -> np.ndarray:
     return np.asarray(zarr.open_array(os.path.join(path, "0"), mode="r")[...], dtype=np.float32)
 
 
+def prompt_labels(cfg: dict[str, Any], decoder: PromptDecoder, blocks: list, emb, maps: np.ndarray | None,
+                  shape: tuple[int, int], tile: int) -> tuple[np.ndarray, dict]:
+    """APG or AMG labels of one 2D image from its tile embeddings (and, for APG, its decoder maps)."""
+    decoder.set_tiles(emb)
+    if cfg["method"] == "apg":
+        p = apg_params(cfg)
+        keep = (lambda mb, iou: mb.area > p.min_size)
+        decode = (lambda t, pts: decode_points(decoder, blocks, shape, t, pts, cfg["apg"]["batch_size"], keep=keep))
+        return apg_segment(maps, tile, decode, p)
+    p = amg_params(cfg)
+    keep = (lambda mb, iou: (iou > p.pred_iou_threshold) & (mb.stability >= p.stability_score_threshold)
+            & (mb.area > 0))
+    decode = (lambda t, pts: decode_points(decoder, blocks, shape, t, pts, cfg["amg"]["batch_size"],
+                                           multimask=True, keep=keep))
+    return amg_segment(shape, blocks, decode, p)
+
+
 def segment_field_prompts(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any], model,
                           decoder: PromptDecoder) -> tuple[dict, Any]:
     method = cfg["method"]
@@ -42,20 +59,7 @@ def segment_field_prompts(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str
                                     cfg["encoder"]["precision"], with_maps=run_decoder)
     if method == "apg" and maps is None:  # decoder maps given by `predictions`
         maps = read_maps(f["predictions"])
-    decoder.set_tiles(emb)
-    shape = tuple(task.image.shape)
-    if method == "apg":
-        p = apg_params(cfg)
-        keep = (lambda mb, iou: mb.area > p.min_size)
-        decode = (lambda t, pts: decode_points(decoder, blocks, shape, t, pts, cfg["apg"]["batch_size"], keep=keep))
-        labels, info = apg_segment(maps, tile, decode, p)
-    else:
-        p = amg_params(cfg)
-        keep = (lambda mb, iou: (iou > p.pred_iou_threshold) & (mb.stability >= p.stability_score_threshold)
-                & (mb.area > 0))
-        decode = (lambda t, pts: decode_points(decoder, blocks, shape, t, pts, cfg["amg"]["batch_size"],
-                                               multimask=True, keep=keep))
-        labels, info = amg_segment(shape, blocks, decode, p)
+    labels, info = prompt_labels(cfg, decoder, blocks, emb, maps, tuple(task.image.shape), tile)
     table = write_field_labels(cfg, plan, f, labels)
     n = len(table)
     return {"status": "ok" if n else "empty", "n_objects": n, **info, "seconds": round(time.time() - t0, 3)}, table

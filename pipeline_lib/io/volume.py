@@ -1,0 +1,84 @@
+"""Lazy access to 3D OME-Zarr volumes (zyx, czyx, tczyx with one time point) and their label images."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import zarr
+
+from .ome_zarr import (InputError, Multiscale, _array_kwargs, plane_selector, versioned, write_ngff,
+                       zarr_format)
+
+
+def is_volume(image: Multiscale) -> bool:
+    """True for an image with a z axis of more than one slice."""
+    names = image.axis_names
+    return "z" in names and image.shape[names.index("z")] > 1
+
+
+class Volume3D:
+    """One channel of a volume at level 0 as a lazily read (z, y, x) array: slicing returns numpy."""
+
+    def __init__(self, image: Multiscale, channel: int | None):
+        if "z" not in image.axis_names:
+            raise InputError(f"{image.path}: axes {image.axis_names} have no z axis; this is not a volume.")
+        self.image = image
+        self.array = image.level(0)
+        self.sel = plane_selector(image, channel, allow_z=True)
+        names = image.axis_names
+        self.shape = tuple(image.shape[names.index(a)] for a in "zyx")
+        self.dtype = self.array.dtype
+        self.ndim = 3
+
+    def __getitem__(self, region: tuple[Any, slice, slice]) -> np.ndarray:
+        it = iter(tuple(region))
+        full = tuple(next(it) if s == slice(None) else s for s in self.sel)
+        try:
+            return np.asarray(self.array[full])
+        except Exception as e:  # noqa: BLE001 - name the chunk that failed
+            raise InputError(f"{self.image.path}: could not read region {tuple(region)} ({type(e).__name__}: "
+                             f"{e}); a chunk is missing or corrupt.") from e
+
+
+class LeadingView:
+    """A (z, y, x) window onto a label array whose extra leading axes (t) have size 1."""
+
+    def __init__(self, array: Any, ndim: int = 3):
+        self.array = array
+        self.lead = tuple(0 for _ in array.shape[:-ndim])
+        self.shape = tuple(array.shape[-ndim:])
+        self.dtype = array.dtype
+
+    def __getitem__(self, region):
+        return np.asarray(self.array[self.lead + tuple(region)])
+
+    def __setitem__(self, region, value):
+        self.array[self.lead + tuple(region)] = value
+
+
+def create_volume_maps(group: zarr.Group, shape_zyx: Sequence[int], chunks_yx: Sequence[int],
+                       version: str) -> zarr.Array:
+    """A float16 NGFF image (c, z, y, x) for per-slice decoder maps (foreground, center, boundary)."""
+    fmt = zarr_format(group)
+    chunks = (3, 1) + tuple(min(c, s) for c, s in zip(chunks_yx, shape_zyx[1:]))
+    arr = group.create_array("0", shape=(3, *shape_zyx), chunks=chunks, dtype="float16", fill_value=0,
+                             overwrite=True, dimension_names=list("czyx") if fmt == 3 else None,
+                             **_array_kwargs(fmt))
+    axes = [{"name": "c", "type": "channel"}] + [{"name": a, "type": "space"} for a in "zyx"]
+    ms = versioned({"axes": axes, "name": "sam_decoder_maps",
+                    "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale",
+                                                                              "scale": [1.0] * 4}]}]}, version)
+    write_ngff(group, {"multiscales": [ms]}, version)
+    return arr
+
+
+def read_volume_maps(path: str) -> zarr.Array:
+    """The (3, Z, Y, X) maps array of a volume predictions store."""
+    try:
+        arr = zarr.open_group(path, mode="r")["0"]
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"predictions: no array '0' in '{path}' ({type(e).__name__}: {e}). Give the "
+                         "predictions store of this volume (an OME-Zarr image with axes c,z,y,x).") from e
+    if arr.ndim != 4 or arr.shape[0] != 3:
+        raise InputError(f"predictions at {path}/0 have shape {arr.shape}; a volume needs (3, z, y, x).")
+    return arr

@@ -1,0 +1,78 @@
+"""The job plan of a volume: its grid (slabs x tiles), batches of whole slabs, and the stores jobs write into.
+
+Label metadata and the scratch store are created here once; jobs then only write array chunks.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import zarr
+
+from ..io.ome_zarr import InputError, StoreLayout, create_label_image, open_field, open_group
+from ..io.volume import Volume3D, is_volume, read_volume_maps
+from ..stitch.volume_grid import VolumeGrid
+
+
+def input_is_volume(path: str) -> bool:
+    """True when ``path`` is a single OME-Zarr image with more than one z-slice (False if unreadable)."""
+    from ..io.ome_zarr import describe_store
+    try:
+        layout = describe_store(path)
+        return layout.kind == "image" and is_volume(open_field(path, ""))
+    except (InputError, OSError, KeyError):
+        return False
+
+
+def plan_grid(plan: dict[str, Any]) -> VolumeGrid:
+    return VolumeGrid(tuple(plan["shape"]), plan["tile"], plan["halo"], plan["z_block"])
+
+
+def open_volume(plan: dict[str, Any], channel: Any) -> Volume3D:
+    img = open_field(plan["input"], "")
+    return Volume3D(img, img.channel_index(channel))
+
+
+def scratch_path(cfg: dict[str, Any]) -> str:
+    return os.path.abspath(os.path.join(cfg["output"], "tmp", "volume"))
+
+
+def make_volume_plan(cfg: dict[str, Any], layout: StoreLayout) -> dict[str, Any]:
+    root = os.path.abspath(cfg["input"])
+    img = open_field(root, "")
+    vol = Volume3D(img, img.channel_index(cfg["channel"]))
+    v = cfg["volume"]
+    grid = VolumeGrid(vol.shape, cfg["tiling"]["tile"], cfg["tiling"]["halo"], v["z_block"])
+    pred = os.path.abspath(cfg["predictions"]) if cfg.get("predictions") else None
+    if pred:
+        arr = read_volume_maps(pred)
+        if tuple(arr.shape) != (3, *vol.shape):
+            raise InputError(f"predictions at {pred}/0 have shape {tuple(arr.shape)}, expected {(3, *vol.shape)} "
+                             f"for the volume {root}: they were computed for other data.")
+    lab_root = os.path.abspath(cfg["labels"]["store"] or root)
+    n = v["slabs_per_job"]
+    slabs = list(range(grid.n_slabs))
+    batches = {f"b{i // n:04d}": slabs[i:i + n] for i in range(0, len(slabs), n)}
+    return {"input": root, "kind": "volume", "version": layout.version, "zarr_format": layout.zarr_format,
+            "shape": list(vol.shape), "dtype": str(vol.dtype), "tile": grid.tile, "halo": grid.halo,
+            "z_block": grid.z_block, "n_slabs": grid.n_slabs, "n_tiles": grid.n_tiles, "predictions_root": pred,
+            "labels_root": lab_root, "labels": os.path.join(lab_root, "labels", cfg["labels"]["name"]),
+            "scratch": scratch_path(cfg), "batches": batches, "fields": []}
+
+
+def create_volume_stores(cfg: dict[str, Any], plan: dict[str, Any]) -> None:
+    """The label image (all levels, NGFF metadata) and the scratch array of per-unit piece ids."""
+    img = open_field(plan["input"], "")
+    if cfg["labels"]["store"]:
+        parent = zarr.open_group(plan["labels_root"], mode="a", zarr_format=plan["zarr_format"])
+        source = plan["input"]
+    else:
+        parent = open_group(plan["input"], mode="a")
+        source = "../../"
+    create_label_image(parent, img, cfg["labels"]["name"], chunks=(plan["tile"],) * 2, overwrite=True,
+                       source=source)
+    os.makedirs(os.path.join(plan["scratch"], "blocks"), exist_ok=True)
+    t = plan["tile"]
+    zarr.create_array(os.path.join(plan["scratch"], "pieces.zarr"), shape=tuple(plan["shape"]), dtype="uint32",
+                      chunks=(1, min(t, plan["shape"][1]), min(t, plan["shape"][2])), fill_value=0,
+                      overwrite=True)

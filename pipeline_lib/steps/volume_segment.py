@@ -1,0 +1,140 @@
+"""Pass 1 over a volume: 2D instance segmentation of every slice x tile (with halo) of a batch of slabs.
+
+Per block (one slab x one tile) the job writes the inner labels (*pieces*, ids 1..n per slice) into the
+scratch array, and into ``blocks/<block>.npz`` the tile's labels inside each neighbour's inner region (the
+halo strips the stitching compares) plus the piece counts. The batch's JSON marker is written last.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+import zarr
+from tqdm import tqdm
+
+from ..config import ais_params
+from ..embed.predict import FieldTask, embed_tasks
+from ..instances.ais import ais_single
+from ..io.ome_zarr import InputError, write_json_atomic
+from ..io.volume import Volume3D, read_volume_maps
+from ..stitch.tile_match import intersect, local, split_unit
+from ..stitch.volume_grid import VolumeGrid
+from ..tiling import Block
+from .volume_plan import open_volume, plan_grid
+
+
+class SliceSegmenter:
+    """2D labels (consecutive ids per slice) of a stack of slice crops, with the configured method.
+
+    AIS from given ``predictions`` needs no model. Otherwise the crops of one block share encoder batches.
+    """
+
+    def __init__(self, cfg: dict[str, Any], volume: Volume3D, maps: Any, model_info: dict[str, Any] | None):
+        self.cfg = cfg
+        self.method = cfg["method"]
+        self.volume = volume
+        self.maps = maps
+        self.model = self.decoder = None
+        if not (self.method == "ais" and maps is not None):
+            from ..embed.prompt_decoder import PromptDecoder
+            from .model import load_resolved
+            self.model = load_resolved(model_info, cfg["model"]["device"],
+                                       require_decoder=self.method in ("ais", "apg") and maps is None)
+            self.decoder = PromptDecoder(self.model.sam) if self.method != "ais" else None
+
+    @property
+    def device(self) -> str:
+        return str(self.model.device) if self.model is not None else "cpu"
+
+    def _maps(self, z: int, region: tuple[slice, slice]) -> np.ndarray:
+        return np.asarray(self.maps[(slice(None), z) + tuple(region)], dtype=np.float32)
+
+    def block(self, z0: int, z1: int, region: tuple[slice, slice]) -> np.ndarray:
+        """(z1 - z0, h, w) uint32 labels of the slices' crops ``region`` (ids start at 1 in every slice)."""
+        shape = tuple(s.stop - s.start for s in region)
+        out = np.zeros((z1 - z0, *shape), dtype=np.uint32)
+        if self.model is None:
+            p = ais_params(self.cfg)
+            for k, z in enumerate(range(z0, z1)):
+                out[k] = ais_single(self._maps(z, region), p)
+            return out
+        tasks = [FieldTask(f"z{z}", self.volume[(z,) + tuple(region)], None) for z in range(z0, z1)]
+        with_maps = self.method in ("ais", "apg") and self.maps is None
+        enc = self.cfg["encoder"]
+        embedded = embed_tasks(self.model, tasks, max(shape), 0, enc["batch_size"], enc["precision"], with_maps)
+        for k, (z, (blocks, emb, maps)) in enumerate(zip(range(z0, z1), embedded)):
+            if maps is None and self.method != "amg":
+                maps = self._maps(z, region)
+            if self.method == "ais":
+                out[k] = ais_single(maps, ais_params(self.cfg))
+            else:
+                from .prompt_segment import prompt_labels
+                out[k] = prompt_labels(self.cfg, self.decoder, blocks, emb, maps, shape, max(shape))[0]
+        return out
+
+
+def block_path(plan: dict[str, Any], name: str) -> str:
+    return os.path.join(plan["scratch"], "blocks", f"{name}.npz")
+
+
+def save_npz_atomic(path: str, **arrays: np.ndarray) -> None:
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def write_block(plan: dict[str, Any], grid: VolumeGrid, scratch: Any, s: int, t: int,
+                labels: np.ndarray | None) -> list[int]:
+    """Store one block's pieces and halo strips; ``labels`` None (a failed block) stores empty ones."""
+    z0, z1 = grid.slab(s)
+    tile = grid.tiles[t]
+    if labels is None:
+        labels = np.zeros((z1 - z0, *tile.outer_shape), dtype=np.uint32)
+    pieces = np.zeros((z1 - z0, *tile.inner_shape), dtype=np.uint32)
+    rings = np.zeros_like(labels)
+    counts = []
+    for k in range(z1 - z0):
+        pieces[k], rings[k], n = split_unit(labels[k], tile.inner_local)
+        counts.append(n)
+    strips = {}
+    for j in grid.neighbours(t):
+        reg = intersect(tile.outer, grid.tiles[j].inner)
+        if reg is not None:
+            strips[f"to_{j}"] = rings[(slice(None),) + local(reg, tile.outer)]
+    scratch[(slice(z0, z1),) + tile.inner] = pieces
+    save_npz_atomic(block_path(plan, grid.block_name(s, t)), counts=np.asarray(counts, np.int64), **strips)
+    return counts
+
+
+def run_volume_segment_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str,
+                             model_info: dict[str, Any] | None, out_json: str) -> dict[str, Any]:
+    """Pass 1 for the slabs of ``batch``; a block that fails (e.g. a corrupt chunk) is reported by name and
+    left empty, the other blocks finish."""
+    grid = plan_grid(plan)
+    maps = read_volume_maps(plan["predictions_root"]) if plan["predictions_root"] else None
+    seg = SliceSegmenter(cfg, open_volume(plan, cfg["channel"]), maps, model_info)
+    scratch = zarr.open_array(os.path.join(plan["scratch"], "pieces.zarr"), mode="r+")
+    blocks: dict[str, Any] = {}
+    todo = [(s, t) for s in plan["batches"][batch] for t in range(grid.n_tiles)]
+    for s, t in tqdm(todo, desc=f"segment slices {batch} ({seg.device})", unit="block", file=sys.stderr):
+        name = grid.block_name(s, t)
+        t0 = time.time()
+        z0, z1 = grid.slab(s)
+        tile: Block = grid.tiles[t]
+        try:
+            labels = seg.block(z0, z1, tile.outer)
+            counts = write_block(plan, grid, scratch, s, t, labels)
+            blocks[name] = {"status": "ok" if sum(counts) else "empty", "counts": counts,
+                            "seconds": round(time.time() - t0, 3)}
+        except (InputError, OSError, ValueError) as e:
+            traceback.print_exc()
+            counts = write_block(plan, grid, scratch, s, t, None)
+            blocks[name] = {"status": "failed", "counts": counts, "z": [z0, z1],
+                            "yx": [[sl.start, sl.stop] for sl in tile.inner], "error": f"{type(e).__name__}: {e}"}
+    result = {"batch": batch, "device": seg.device, "method": cfg["method"], "blocks": blocks}
+    write_json_atomic(out_json, result)
+    return result

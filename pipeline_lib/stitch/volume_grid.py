@@ -1,0 +1,84 @@
+"""How a volume is cut for blockwise work, and how per-unit label ids become global ids.
+
+A *slab* is ``z_block`` consecutive slices; a *tile* is a yx block with a halo; a *block* is one slab x one
+tile (what one job step holds in memory). The unit of 2D segmentation is one slice x one tile. Units are
+ordered (slab, tile, z), so the pieces of one block (and of one batch of whole slabs) are one contiguous
+range of global ids: global id = offset of the unit (running total of earlier units' counts) + local id.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Iterator
+
+import numpy as np
+
+from ..tiling import Block, block_grid
+
+
+@dataclass(frozen=True)
+class VolumeGrid:
+    shape: tuple[int, int, int]
+    tile: int
+    halo: int
+    z_block: int
+
+    @cached_property
+    def tiles(self) -> list[Block]:
+        return block_grid(self.shape[1:], self.tile, self.halo)
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.tiles)
+
+    @property
+    def n_slabs(self) -> int:
+        return -(-self.shape[0] // self.z_block)
+
+    def slab(self, s: int) -> tuple[int, int]:
+        """The z range [z0, z1) of slab ``s``."""
+        return s * self.z_block, min((s + 1) * self.z_block, self.shape[0])
+
+    def slab_of(self, z: int) -> int:
+        return z // self.z_block
+
+    def block_name(self, s: int, t: int) -> str:
+        return f"s{s:05d}_t{t:05d}"
+
+    @cached_property
+    def _by_index(self) -> dict[tuple[int, ...], int]:
+        return {b.index: i for i, b in enumerate(self.tiles)}
+
+    def neighbours(self, t: int) -> list[int]:
+        """Tiles whose inner region this tile's halo reaches (8-neighbourhood incl. corners; none without halo)."""
+        if self.halo <= 0:
+            return []
+        iy, ix = self.tiles[t].index
+        out = (self._by_index.get((iy + dy, ix + dx)) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)
+        return sorted(j for j in out if j is not None)
+
+    def neighbour_pairs(self) -> Iterator[tuple[int, int]]:
+        """Tile pairs (t1 < t2) whose halos reach into each other's inner region."""
+        for i in range(self.n_tiles):
+            for j in self.neighbours(i):
+                if j > i:
+                    yield i, j
+
+    def counts_array(self) -> np.ndarray:
+        """Zeros of shape (n_slabs, n_tiles, z_block): pieces per unit (slices past the end stay 0)."""
+        return np.zeros((self.n_slabs, self.n_tiles, self.z_block), dtype=np.int64)
+
+
+def unit_offsets(counts: np.ndarray) -> tuple[np.ndarray, int]:
+    """Offsets (same shape as ``counts``) so that unit (s, t, dz) owns ids offset+1 .. offset+count, and the
+    number of ids including background 0."""
+    flat = counts.ravel()
+    off = np.concatenate([[0], np.cumsum(flat)[:-1]]).reshape(counts.shape)
+    return off, int(flat.sum()) + 1
+
+
+def to_global(local: np.ndarray, offset: int) -> np.ndarray:
+    """Local ids (0 = background) of one unit as global int64 ids."""
+    out = local.astype(np.int64)
+    out[out > 0] += offset
+    return out

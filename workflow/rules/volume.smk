@@ -1,0 +1,90 @@
+# Volumes (one OME-Zarr image with z > 1), in four passes over blocks of z_block slices x one yx tile:
+#   volume_segment (GPU unless AIS from `predictions`): 2D instances per slice x tile with halo
+#   volume_edges:   yx matches in the halo bands, z overlaps, piece sizes (needs every block of pass 1)
+#   volume_merge:   one job: union of yx matches, 3D merge across slices, compact lookup table
+#   volume_relabel: apply the table, label pyramid per slab, per-object partial measurements
+# -> aggregate_volume: objects.parquet (3D properties) and summary.json
+
+
+def segment_markers(wildcards):
+    return expand(f"{OUT}/jobs/volume_segment/{{batch}}.json", batch=batch_ids(wildcards))
+
+
+rule volume_segment:
+    input:
+        plan=f"{OUT}/plan.json",
+        model=f"{OUT}/model.json",
+    output:
+        f"{OUT}/jobs/volume_segment/{{batch}}.json",
+    params:
+        method=CFG["method"], ais=CFG["ais"], apg=CFG["apg"], amg=CFG["amg"], encoder=CFG["encoder"],
+        tiling=CFG["tiling"], volume=CFG["volume"], channel=CFG["channel"],
+    threads: 4
+    resources:
+        gpu=0 if (METHOD == "ais" and CFG["predictions"]) else 1,
+    run:
+        from pipeline_lib.steps.volume_segment import run_volume_segment_batch
+        run_volume_segment_batch(CFG, read_json_file(input.plan), wildcards.batch, read_json_file(input.model),
+                                 output[0])
+
+
+rule volume_edges:
+    input:
+        plan=f"{OUT}/plan.json",
+        segments=segment_markers,
+    output:
+        f"{OUT}/jobs/volume_edges/{{batch}}.npz",
+    params:
+        volume=CFG["volume"],
+    run:
+        from pipeline_lib.steps.volume_stitch import run_volume_edges_batch
+        run_volume_edges_batch(CFG, read_json_file(input.plan), wildcards.batch, input.segments, output[0])
+
+
+rule volume_merge:
+    input:
+        plan=f"{OUT}/plan.json",
+        segments=segment_markers,
+        edges=lambda wc: expand(f"{OUT}/jobs/volume_edges/{{batch}}.npz", batch=batch_ids(wc)),
+    output:
+        lut=f"{OUT}/volume/lut.npy",
+        json=f"{OUT}/volume/merge.json",
+    params:
+        volume=CFG["volume"],
+    run:
+        from pipeline_lib.steps.volume_stitch import run_volume_merge
+        run_volume_merge(CFG, read_json_file(input.plan), input.segments, input.edges, output.lut, output.json)
+
+
+rule volume_relabel:
+    input:
+        plan=f"{OUT}/plan.json",
+        segments=segment_markers,
+        lut=f"{OUT}/volume/lut.npy",
+    output:
+        json=f"{OUT}/jobs/volume_relabel/{{batch}}.json",
+        table=f"{OUT}/jobs/volume_relabel/{{batch}}.parquet",
+    run:
+        from pipeline_lib.steps.volume_relabel import run_volume_relabel_batch
+        run_volume_relabel_batch(CFG, read_json_file(input.plan), wildcards.batch, input.segments, input.lut,
+                                 output.json, output.table)
+
+
+localrules: aggregate_volume
+
+
+rule aggregate_volume:
+    input:
+        plan=f"{OUT}/plan.json",
+        model=f"{OUT}/model.json",
+        segments=segment_markers,
+        merge=f"{OUT}/volume/merge.json",
+        jsons=lambda wc: expand(f"{OUT}/jobs/volume_relabel/{{batch}}.json", batch=batch_ids(wc)),
+        tables=lambda wc: expand(f"{OUT}/jobs/volume_relabel/{{batch}}.parquet", batch=batch_ids(wc)),
+    output:
+        summary=f"{OUT}/summary.json",
+        objects=f"{OUT}/objects.parquet",
+    run:
+        from pipeline_lib.steps.volume_relabel import aggregate_volume
+        aggregate_volume(CFG, read_json_file(input.plan), read_json_file(input.model), input.segments,
+                         input.merge, input.tables, output.summary, output.objects)
