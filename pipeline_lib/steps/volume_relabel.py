@@ -21,6 +21,7 @@ from ..io.ome_zarr import open_field, read_json, spatial_label_axes, write_json_
 from ..io.pyramid import downsample_region
 from ..io.volume import LeadingView
 from ..measure.objects3d import PARTIAL, block_partials, combine_partials, object_table
+from ..stitch.merge3d import fill_z_gaps
 from ..stitch.volume_grid import unit_offsets
 from .volume_plan import plan_grid
 from .volume_stitch import gather_counts
@@ -39,12 +40,19 @@ def _label_levels(plan: dict[str, Any]) -> tuple[list[LeadingView], list[list[fl
 
 def run_volume_relabel_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, segment_jsons: Sequence[str],
                              lut_path: str, out_json: str, out_table: str) -> dict[str, Any]:
+    from ..config import merge3d_params
     grid = plan_grid(plan)
     counts, _ = gather_counts(grid, segment_jsons)
     off, _ = unit_offsets(counts)
     slabs = plan["batches"][batch]
-    lo = int(off[slabs[0], 0, 0])
-    hi = int(off[slabs[-1], -1, -1] + counts[slabs[-1], -1, -1])  # last id of the batch
+    params = merge3d_params(cfg)
+    fill = params.fill_gaps and params.rule == "overlap" and params.max_gap > 0
+    reach = params.max_gap * (params.max_gap + 1) // 2 if fill else 0  # z-halo the gap filling reads
+    n_z = grid.shape[0]
+    first = grid.slab_of(max(0, grid.slab(slabs[0])[0] - reach))
+    last = grid.slab_of(min(n_z, grid.slab(slabs[-1])[1] + reach) - 1)
+    lo = int(off[first, 0, 0])
+    hi = int(off[last, -1, -1] + counts[last, -1, -1])  # last id these slabs (and their z-halo) can hold
     lut = np.zeros(hi - lo + 1, np.uint32)  # index 0: background; 1.. = ids lo+1 .. hi
     lut[1:] = np.load(lut_path, mmap_mode="r")[lo + 1:hi + 1]
     scratch = zarr.open_array(os.path.join(plan["scratch"], "pieces.zarr"), mode="r")
@@ -53,10 +61,14 @@ def run_volume_relabel_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: s
     t0 = time.time()
     for s in tqdm(slabs, desc=f"relabel {batch}", unit="slab", file=sys.stderr):
         z0, z1 = grid.slab(s)
+        a, b = max(0, z0 - reach), min(n_z, z1 + reach)
         for t, tile in enumerate(grid.tiles):
-            raw = np.asarray(scratch[(slice(z0, z1),) + tile.inner]).astype(np.int64)
-            shift = (off[s, t, :z1 - z0] - lo)[:, None, None]
-            ids = lut[np.where(raw > 0, raw + shift, 0)]
+            raw = np.asarray(scratch[(slice(a, b),) + tile.inner]).astype(np.int64)
+            shift = np.array([off[grid.slab_of(z), t, z - grid.slab(grid.slab_of(z))[0]] for z in range(a, b)]) - lo
+            ids = lut[np.where(raw > 0, raw + shift[:, None, None], 0)]
+            if fill:
+                ids = fill_z_gaps(ids, params.max_gap)
+            ids = ids[z0 - a:z1 - a]
             levels[0][(slice(z0, z1),) + tile.inner] = ids
             parts.append(block_partials(ids, (z0, tile.inner[0].start, tile.inner[1].start)))
         region = (slice(z0, z1), slice(0, grid.shape[1]), slice(0, grid.shape[2]))

@@ -17,7 +17,6 @@ import zarr
 from tqdm import tqdm
 
 from ..config import ais_params
-from ..embed.predict import FieldTask, embed_tasks
 from ..instances.ais import ais_single
 from ..io.ome_zarr import InputError, write_json_atomic
 from ..io.volume import Volume3D, read_volume_maps
@@ -51,7 +50,12 @@ class SliceSegmenter:
         return str(self.model.device) if self.model is not None else "cpu"
 
     def _maps(self, z: int, region: tuple[slice, slice]) -> np.ndarray:
-        return np.asarray(self.maps[(slice(None), z) + tuple(region)], dtype=np.float32)
+        try:
+            return np.asarray(self.maps[(slice(None), z) + tuple(region)], dtype=np.float32)
+        except Exception as e:  # noqa: BLE001 - name the chunk that failed
+            raise InputError(f"{self.maps.store}: could not read maps of slice {z}, region "
+                             f"{[(r.start, r.stop) for r in region]} ({type(e).__name__}: {e}); a chunk is "
+                             "missing or corrupt.") from e
 
     def block(self, z0: int, z1: int, region: tuple[slice, slice]) -> np.ndarray:
         """(z1 - z0, h, w) uint32 labels of the slices' crops ``region`` (ids start at 1 in every slice)."""
@@ -62,6 +66,7 @@ class SliceSegmenter:
             for k, z in enumerate(range(z0, z1)):
                 out[k] = ais_single(self._maps(z, region), p)
             return out
+        from ..embed.predict import FieldTask, embed_tasks  # torch only where a model runs
         tasks = [FieldTask(f"z{z}", self.volume[(z,) + tuple(region)], None) for z in range(z0, z1)]
         with_maps = self.method in ("ais", "apg") and self.maps is None
         enc = self.cfg["encoder"]

@@ -4,6 +4,7 @@
 #   volume_merge:   one job: union of yx matches, 3D merge across slices, compact lookup table
 #   volume_relabel: apply the table, label pyramid per slab, per-object partial measurements
 # -> aggregate_volume: objects.parquet (3D properties) and summary.json
+# Every job records its run time and peak memory under <output>/benchmarks/ (Snakemake `benchmark:`).
 
 
 def segment_markers(wildcards):
@@ -16,6 +17,8 @@ rule volume_segment:
         model=f"{OUT}/model.json",
     output:
         f"{OUT}/jobs/volume_segment/{{batch}}.json",
+    benchmark:
+        f"{OUT}/benchmarks/volume_segment/{{batch}}.tsv"
     params:
         method=CFG["method"], ais=CFG["ais"], apg=CFG["apg"], amg=CFG["amg"], encoder=CFG["encoder"],
         tiling=CFG["tiling"], volume=CFG["volume"], channel=CFG["channel"],
@@ -34,6 +37,8 @@ rule volume_edges:
         segments=segment_markers,
     output:
         f"{OUT}/jobs/volume_edges/{{batch}}.npz",
+    benchmark:
+        f"{OUT}/benchmarks/volume_edges/{{batch}}.tsv"
     params:
         volume=CFG["volume"],
     run:
@@ -49,6 +54,8 @@ rule volume_merge:
     output:
         lut=f"{OUT}/volume/lut.npy",
         json=f"{OUT}/volume/merge.json",
+    benchmark:
+        f"{OUT}/benchmarks/volume_merge.tsv"
     params:
         volume=CFG["volume"],
     run:
@@ -64,6 +71,8 @@ rule volume_relabel:
     output:
         json=f"{OUT}/jobs/volume_relabel/{{batch}}.json",
         table=f"{OUT}/jobs/volume_relabel/{{batch}}.parquet",
+    benchmark:
+        f"{OUT}/benchmarks/volume_relabel/{{batch}}.tsv"
     run:
         from pipeline_lib.steps.volume_relabel import run_volume_relabel_batch
         run_volume_relabel_batch(CFG, read_json_file(input.plan), wildcards.batch, input.segments, input.lut,

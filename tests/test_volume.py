@@ -1,0 +1,204 @@
+"""Volumes: blockwise slices x tiles, yx stitching, 3D merge, relabel; small blocks must equal one block."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from conftest import SHARED, run_workflow
+from pipeline_lib.config import validate_config
+from pipeline_lib.io.synthetic_volume import nuclei_labels, write_synthetic_volume
+from pipeline_lib.measure.metrics import segmentation_scores
+from pipeline_lib.measure.objects3d import block_partials, combine_partials, object_table
+from pipeline_lib.stitch.tile_match import band_matches, split_unit
+from pipeline_lib.stitch.volume_grid import VolumeGrid, unit_offsets
+from pipeline_lib.steps.plan import write_plan
+from pipeline_lib.steps.volume_relabel import aggregate_volume, run_volume_relabel_batch
+from pipeline_lib.steps.volume_segment import run_volume_segment_batch
+from pipeline_lib.steps.volume_stitch import run_volume_edges_batch, run_volume_merge
+from pipeline_lib.stitch.merge3d import Merge3DParams, merge_slices_3d
+from pipeline_lib.instances.ais import ais_single
+from pipeline_lib.config import ais_params
+
+GONUCLEAR = SHARED / "gonuclear_3d_nuclei_mini"
+
+
+def run_volume_steps(cfg: dict) -> dict:
+    """All passes of the volume workflow in-process (the Snakemake rules call exactly these)."""
+    cfg = validate_config(cfg)
+    out = cfg["output"]
+    plan = write_plan(cfg, f"{out}/plan.json")
+    segs = [f"{out}/jobs/volume_segment/{b}.json" for b in plan["batches"]]
+    edges = [f"{out}/jobs/volume_edges/{b}.npz" for b in plan["batches"]]
+    tabs = [f"{out}/jobs/volume_relabel/{b}.parquet" for b in plan["batches"]]
+    for b, p in zip(plan["batches"], segs):
+        run_volume_segment_batch(cfg, plan, b, {}, p)
+    for b, p in zip(plan["batches"], edges):
+        run_volume_edges_batch(cfg, plan, b, segs, p)
+    run_volume_merge(cfg, plan, segs, edges, f"{out}/volume/lut.npy", f"{out}/volume/merge.json")
+    for b, p in zip(plan["batches"], tabs):
+        run_volume_relabel_batch(cfg, plan, b, segs, f"{out}/volume/lut.npy", p[:-8] + ".json", p)
+    return aggregate_volume(cfg, plan, {}, segs, f"{out}/volume/merge.json", tabs, f"{out}/summary.json",
+                            f"{out}/objects.parquet")
+
+
+@pytest.fixture(scope="module")
+def synthetic_volume(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vol")
+    write_synthetic_volume(d / "vol.ome.zarr", shape=(40, 300, 280), predictions=str(d / "pred.ome.zarr"),
+                           block=(16, 128, 128), chunk=64)
+    return d
+
+
+def _cfg(d: Path, name: str, tile: int, halo: int, z_block: int, **extra) -> dict:
+    return {"input": str(d / "vol.ome.zarr"), "output": str(d / f"out_{name}"), "predictions": str(d / "pred.ome.zarr"),
+            "tiling": {"tile": tile, "halo": halo}, "volume": {"z_block": z_block, **extra},
+            "labels": {"name": name}}
+
+
+def _labels(d: Path, name: str, level: str = "s0") -> np.ndarray:
+    return np.asarray(zarr.open_array(str(d / "vol.ome.zarr" / "labels" / name / level), mode="r"))
+
+
+def test_synthetic_generator_is_lazy_and_consistent():
+    shape = (30, 100, 90)
+    whole = nuclei_labels((slice(0, 30), slice(0, 100), slice(0, 90)), shape)
+    part = nuclei_labels((slice(10, 25), slice(40, 100), slice(7, 60)), shape)
+    assert np.array_equal(whole[10:25, 40:100, 7:60], part)
+    assert len(np.unique(whole)) > 20
+
+
+def test_small_blocks_equal_one_block(synthetic_volume):
+    d = synthetic_volume
+    small = run_volume_steps(_cfg(d, "small", 128, 32, 16))
+    one = run_volume_steps(_cfg(d, "one", 512, 0, 64))
+    a, b = _labels(d, "small"), _labels(d, "one")
+    assert small["merge"]["n_yx_joins"] > 100 and one["merge"]["n_yx_joins"] == 0
+    assert small["grid"]["n_blocks"] == 27 and one["grid"]["n_blocks"] == 1
+    assert segmentation_scores(a, b)["msa"] >= 0.99
+    gt = _labels(d, "nuclei_gt")
+    assert segmentation_scores(a, gt)["sa50"] >= 0.9
+    # one block is the in-memory reference: per-slice AIS, then merge_slices_3d
+    maps = zarr.open_array(str(d / "pred.ome.zarr" / "0"), mode="r")
+    p = ais_params(validate_config({"input": "x", "output": "y"}))
+    stack = np.zeros(gt.shape, np.int64)
+    offset = 0
+    for z in range(gt.shape[0]):
+        lab = ais_single(np.asarray(maps[:, z], np.float32), p).astype(np.int64)
+        stack[z] = np.where(lab > 0, lab + offset, 0)
+        offset = max(offset, int(stack[z].max()))
+    ref = merge_slices_3d(stack, Merge3DParams())
+    assert segmentation_scores(b, ref)["msa"] == 1.0
+    # labels: NGFF metadata, uint32, pyramid sampled from level 0 (yx only, as the image)
+    g = zarr.open_group(str(d / "vol.ome.zarr" / "labels" / "small"), mode="r")
+    assert "image-label" in g.attrs and g["s0"].dtype == np.uint32
+    assert np.array_equal(_labels(d, "small", "s1"), a[:, ::2, ::2])
+    # objects table agrees with the label image
+    obj = pd.read_parquet(d / "out_small" / "objects.parquet")
+    assert len(obj) == small["n_objects"] == len(np.unique(a)) - 1
+    areas = np.bincount(a.ravel())
+    assert np.array_equal(obj["volume_voxels"].to_numpy(), areas[obj["label"].to_numpy()])
+    zz = np.nonzero(a == obj["label"].iloc[0])[0]
+    assert obj["bbox_z0"].iloc[0] == zz.min() and obj["z_extent"].iloc[0] == zz.max() - zz.min() + 1
+    assert np.isclose(obj["volume"].iloc[0], obj["volume_voxels"].iloc[0] * 0.5 * 0.25 * 0.25)
+
+
+@pytest.mark.skipif(not GONUCLEAR.exists(), reason="real 3D nuclei not present")
+def test_real_nuclei_blockwise_equals_in_memory(tmp_path):
+    """gonuclear volume -> per-slice oracle maps -> small blocks (16 x 48 x 48, halo 24) vs in-memory merge."""
+    import tifffile
+    from pipeline_lib.embed.oracle import oracle_maps
+    from pipeline_lib.io.ome_zarr import write_ngff, versioned
+    from pipeline_lib.io.volume import create_volume_maps
+    gt = tifffile.imread(GONUCLEAR / "1135_mini_labels.tif").astype(np.uint32)
+    img = tifffile.imread(GONUCLEAR / "1135_mini_image.tif")
+    root = zarr.open_group(str(tmp_path / "vol.ome.zarr"), mode="w", zarr_format=2)
+    root.create_array("s0", data=img, chunks=(1, 64, 64), chunk_key_encoding={"name": "v2", "separator": "/"})
+    ms = versioned({"axes": [{"name": a, "type": "space"} for a in "zyx"], "name": "gonuclear",
+                    "datasets": [{"path": "s0", "coordinateTransformations": [{"type": "scale",
+                                                                               "scale": [0.28, 0.127, 0.127]}]}]},
+                   "0.4")
+    write_ngff(root, {"multiscales": [ms]}, "0.4")
+    maps = create_volume_maps(zarr.open_group(str(tmp_path / "pred.ome.zarr"), mode="w", zarr_format=2), gt.shape,
+                              (64, 64), "0.4")
+    slices = np.zeros(gt.shape, np.int64)
+    m = np.zeros((3,) + gt.shape, np.float32)
+    for z in range(gt.shape[0]):
+        m[:, z] = oracle_maps(gt[z])
+    maps[:] = m.astype(np.float16)
+    small = run_volume_steps(_cfg(tmp_path, "small", 48, 24, 16))
+    lab = _labels(tmp_path, "small")
+    p = ais_params(validate_config({"input": "x", "output": "y"}))
+    offset = 0
+    for z in range(gt.shape[0]):
+        s = ais_single(m[:, z].astype(np.float16).astype(np.float32), p).astype(np.int64)
+        slices[z] = np.where(s > 0, s + offset, 0)
+        offset = max(offset, int(slices[z].max()))
+    ref = merge_slices_3d(slices, Merge3DParams())
+    assert small["grid"]["n_tiles"] == 9
+    assert segmentation_scores(lab, ref)["msa"] >= 0.99
+    assert segmentation_scores(lab, gt)["msa"] >= 0.75  # AIS on per-slice oracle maps (measured 0.78)
+
+
+def test_failed_block_is_reported_and_others_finish(synthetic_volume, tmp_path):
+    import shutil
+    d = tmp_path
+    shutil.copytree(synthetic_volume / "vol.ome.zarr", d / "vol.ome.zarr")
+    shutil.copytree(synthetic_volume / "pred.ome.zarr", d / "pred.ome.zarr")
+    chunk = d / "pred.ome.zarr" / "0" / "0" / "20" / "0" / "0"
+    assert chunk.exists()
+    chunk.write_bytes(b"not a chunk")
+    s = run_volume_steps(_cfg(d, "broken", 128, 32, 16))
+    assert s["block_status_counts"].get("failed") == 1
+    (name, err), = s["failed_blocks"].items()
+    assert name == "s00001_t00000" and "pred.ome.zarr" in err
+    lab = _labels(d, "broken")
+    assert lab[16:32, :128, :128].max() == 0 and lab[:16].max() > 0 and s["n_objects"] > 100
+
+
+def test_band_matches_and_split_unit():
+    lab = np.zeros((6, 10), np.uint32)
+    lab[1:4, 1:4] = 7  # inside the inner region and the halo
+    lab[1:3, 8:10] = 9  # halo only
+    pieces, ring, n = split_unit(lab, (slice(0, 6), slice(0, 3)))
+    assert n == 1 and pieces.max() == 1 and ring[1, 3] == 1 and ring[1, 8] == 2 and ring[:, :3].max() == 0
+    a = np.array([1, 1, 1, 2, 2, 0, 3])
+    b = np.array([5, 5, 5, 6, 0, 6, 6])
+    m = band_matches(a, b, n_a=2, n_b=6)
+    assert m.tolist() == [[1, 5]]  # 2 vs 6: IoU 1/4; 3 is halo-only
+
+
+def test_offsets_and_partials():
+    counts = np.array([[[2, 0], [1, 3]]])
+    off, n = unit_offsets(counts)
+    assert off.tolist() == [[[0, 2], [2, 3]]] and n == 7
+    ids = np.zeros((2, 3, 3), np.uint32)
+    ids[0, 0, :2] = 4
+    ids[1, 2, 2] = 4
+    ids[1, 1, 1] = 2
+    parts = combine_partials([block_partials(ids, (0, 0, 0)), block_partials(ids[:, :, :1], (5, 0, 10))])
+    t = object_table(parts)
+    row = t.set_index("label").loc[4]
+    assert row.volume_voxels == 4 and row.bbox_z0 == 0 and row.bbox_z1 == 6 and row.z_extent == 6
+
+
+def test_volume_workflow_snakemake(synthetic_volume, tmp_path):
+    """The real Snakefile on a volume: the four passes, resumable, outputs where napari expects them."""
+    import shutil
+    shutil.copytree(synthetic_volume / "vol.ome.zarr", tmp_path / "vol.ome.zarr")
+    cfg = _cfg(tmp_path, "sam", 128, 32, 16)
+    cfg["predictions"] = str(synthetic_volume / "pred.ome.zarr")
+    run_workflow(cfg, tmp_path / "wd")
+    summary = json.loads((tmp_path / "out_sam" / "summary.json").read_text())
+    assert summary["kind"] == "volume" and summary["block_status_counts"] == {"ok": 27}
+    assert summary["n_objects"] > 400
+    lab = _labels(tmp_path, "sam")
+    ref = _labels(synthetic_volume, "small") if (synthetic_volume / "vol.ome.zarr/labels/small").exists() else None
+    if ref is not None:
+        assert np.array_equal(lab, ref)
+    # a rerun has nothing to do
+    proc = run_workflow(cfg, tmp_path / "wd", extra=("--dry-run",))
+    assert "Nothing to be done" in proc.stdout + proc.stderr
