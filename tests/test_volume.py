@@ -28,20 +28,22 @@ GONUCLEAR = SHARED / "gonuclear_3d_nuclei_mini"
 
 def run_volume_steps(cfg: dict) -> dict:
     """All passes of the volume workflow in-process (the Snakemake rules call exactly these)."""
+    from pipeline_lib.steps.model import resolve_model
     cfg = validate_config(cfg)
     out = cfg["output"]
+    model = resolve_model(cfg, progress=False)
     plan = write_plan(cfg, f"{out}/plan.json")
     segs = [f"{out}/jobs/volume_segment/{b}.json" for b in plan["batches"]]
     edges = [f"{out}/jobs/volume_edges/{b}.npz" for b in plan["batches"]]
     tabs = [f"{out}/jobs/volume_relabel/{b}.parquet" for b in plan["batches"]]
     for b, p in zip(plan["batches"], segs):
-        run_volume_segment_batch(cfg, plan, b, {}, p)
+        run_volume_segment_batch(cfg, plan, b, model, p)
     for b, p in zip(plan["batches"], edges):
         run_volume_edges_batch(cfg, plan, b, segs, p)
     run_volume_merge(cfg, plan, segs, edges, f"{out}/volume/lut.npy", f"{out}/volume/merge.json")
     for b, p in zip(plan["batches"], tabs):
         run_volume_relabel_batch(cfg, plan, b, segs, f"{out}/volume/lut.npy", p[:-8] + ".json", p)
-    return aggregate_volume(cfg, plan, {}, segs, f"{out}/volume/merge.json", tabs, f"{out}/summary.json",
+    return aggregate_volume(cfg, plan, model, segs, f"{out}/volume/merge.json", tabs, f"{out}/summary.json",
                             f"{out}/objects.parquet")
 
 
@@ -202,3 +204,55 @@ def test_volume_workflow_snakemake(synthetic_volume, tmp_path):
     # a rerun has nothing to do
     proc = run_workflow(cfg, tmp_path / "wd", extra=("--dry-run",))
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("method", ["apg", "amg"])
+def test_prompt_methods_on_a_volume(method, tiny_model, tmp_path):
+    """APG (prompts from oracle maps) and AMG run slice x tile crops through SAM (tiny random model, CPU):
+    encoder batches across the slices of a block, prompt decoding, stitching and merge complete."""
+    write_synthetic_volume(tmp_path / "vol.ome.zarr", shape=(6, 80, 72), predictions=str(tmp_path / "pred.ome.zarr"),
+                           block=(6, 80, 72), chunk=40, channel_axis=False)
+    cfg = _cfg(tmp_path, method, 48, 16, 4)
+    cfg.update(method=method, model={"checkpoint": tiny_model["checkpoint"], "decoder": tiny_model["decoder"],
+                                     "device": "cpu"}, encoder={"batch_size": 4})
+    if method == "amg":
+        del cfg["predictions"]
+        cfg["amg"] = {"points_per_side": 4, "pred_iou_threshold": -10.0, "stability_score_threshold": 0.0}
+    s = run_volume_steps(cfg)
+    assert s["method"] == method and s["block_status_counts"].get("failed") is None
+    assert s["grid"]["n_tiles"] == 4 and s["grid"]["n_slabs"] == 2
+    lab = _labels(tmp_path, method)
+    assert lab.shape == (6, 80, 72) and s["n_objects"] == len(np.unique(lab)) - 1 > 0
+
+
+def test_tczyx_volume_and_bad_time_axis(tmp_path):
+    """A tczyx image with one time point is a volume; labels get the t axis too. Several time points: clear error."""
+    from pipeline_lib.io.ome_zarr import InputError, versioned, write_ngff
+    from pipeline_lib.io.volume import create_volume_maps
+    from pipeline_lib.embed.oracle import oracle_maps
+    shape = (10, 64, 60)
+    gt = nuclei_labels(tuple(slice(0, s) for s in shape), shape, cell=(6, 16, 16))
+    for nt in (1, 2):
+        d = tmp_path / f"t{nt}"
+        root = zarr.open_group(str(d / "vol.ome.zarr"), mode="w", zarr_format=2)
+        data = np.broadcast_to((gt > 0).astype(np.uint16)[None, None] * 1000, (nt, 2) + shape)
+        root.create_array("s0", data=np.ascontiguousarray(data), chunks=(1, 1, 1, 32, 32),
+                          chunk_key_encoding={"name": "v2", "separator": "/"})
+        axes = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"}] + \
+            [{"name": a, "type": "space"} for a in "zyx"]
+        ms = versioned({"axes": axes, "name": "v", "datasets": [{"path": "s0", "coordinateTransformations": [
+            {"type": "scale", "scale": [1.0, 1.0, 2.0, 0.5, 0.5]}]}]}, "0.4")
+        write_ngff(root, {"multiscales": [ms]}, "0.4")
+        maps = create_volume_maps(zarr.open_group(str(d / "pred.ome.zarr"), mode="w", zarr_format=2), shape,
+                                  (32, 32), "0.4")
+        maps[:] = np.stack([oracle_maps(gt[z]) for z in range(shape[0])], axis=1).astype(np.float16)
+        cfg = _cfg(d, "sam", 32, 16, 4)
+        cfg["channel"] = 1
+        if nt == 2:
+            with pytest.raises(InputError, match="2 time points"):
+                run_volume_steps(cfg)
+            continue
+        s = run_volume_steps(cfg)
+        lab = zarr.open_array(str(d / "vol.ome.zarr" / "labels" / "sam" / "s0"), mode="r")
+        assert lab.shape == (1,) + shape and s["voxel_size"] == [2.0, 0.5, 0.5]
+        assert segmentation_scores(np.asarray(lab[0]), gt)["sa50"] >= 0.6  # tiny nuclei, AIS smoothing (0.77)

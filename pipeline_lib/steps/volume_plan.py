@@ -42,6 +42,9 @@ def make_volume_plan(cfg: dict[str, Any], layout: StoreLayout) -> dict[str, Any]
     img = open_field(root, "")
     vol = Volume3D(img, img.channel_index(cfg["channel"]))
     v = cfg["volume"]
+    if cfg["tiling"]["halo"] > cfg["tiling"]["tile"]:
+        raise InputError(f"tiling.halo ({cfg['tiling']['halo']}) is larger than tiling.tile ({cfg['tiling']['tile']}); "
+                         "for volumes a tile's halo may only reach its direct neighbours. Lower the halo.")
     grid = VolumeGrid(vol.shape, cfg["tiling"]["tile"], cfg["tiling"]["halo"], v["z_block"])
     pred = os.path.abspath(cfg["predictions"]) if cfg.get("predictions") else None
     if pred:
