@@ -6,7 +6,7 @@ from scipy import ndimage
 from skimage.segmentation import find_boundaries
 
 from pipeline_lib.embed.oracle import oracle_maps
-from pipeline_lib.instances.apg import APGParams, amg_points, apg_segment, tile_of_points
+from pipeline_lib.instances.apg import amg_points, apg_segment, tile_of_points
 from pipeline_lib.instances.nms import Candidates, greedy_nms, mask_nms, paint
 from pipeline_lib.instances.prompts import apg_points, component_centers, grid_points
 from pipeline_lib.io.synthetic import blob_field

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline_lib.models import download as dl
-from pipeline_lib.models.loading import (InstanceDecoder, ModelLoadError, decoder_uses_conv_transpose,
+from pipeline_lib.models.loading import (ModelLoadError, decoder_uses_conv_transpose,
                                          load_model_files, select_device, sniff_model_type)
 from pipeline_lib.models.registry import MODELS, get_published
 from pipeline_lib.models.tiny import build_tiny, write_tiny_model

@@ -1,6 +1,5 @@
 """Volumes: blockwise slices x tiles, yx stitching, 3D merge, relabel; small blocks must equal one block."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from pipeline_lib.io.synthetic_volume import nuclei_labels, write_synthetic_volu
 from pipeline_lib.measure.metrics import segmentation_scores
 from pipeline_lib.measure.objects3d import block_partials, combine_partials, object_table
 from pipeline_lib.stitch.tile_match import band_matches, split_unit
-from pipeline_lib.stitch.volume_grid import VolumeGrid, unit_offsets
+from pipeline_lib.stitch.volume_grid import unit_offsets
 from pipeline_lib.steps.plan import write_plan
 from pipeline_lib.steps.volume_relabel import aggregate_volume, run_volume_relabel_batch
 from pipeline_lib.steps.volume_segment import run_volume_segment_batch

@@ -10,7 +10,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import zarr
@@ -384,14 +384,18 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON via a temp file + rename, so a killed job never leaves a half-written file."""
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
+    """Let ``write`` fill a temp file next to ``path``, then rename it: a killed job never leaves a
+    half-written file that a rerun would trust. The temp name keeps the suffix (numpy appends one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, default=_json_default)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    write(tmp)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    write_atomic(path, lambda p: p.write_text(json.dumps(data, indent=1, default=_json_default)))
 
 
 def _json_default(o: Any) -> Any:

@@ -1,12 +1,11 @@
 """Collect the per-batch results into summary.json and objects.parquet."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pandas as pd
 
-from ..io.ome_zarr import read_json, write_json_atomic
+from ..io.ome_zarr import read_json, write_atomic, write_json_atomic
 from .segment import TABLE_COLUMNS
 
 
@@ -24,9 +23,7 @@ def aggregate(cfg: dict[str, Any], plan: dict[str, Any], model_info: dict[str, A
                        **({"error": s["error"]} if s.get("error") else {})})
     tables = [pd.read_parquet(p) for p in batch_tables]
     objects = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=TABLE_COLUMNS)
-    tmp = objects_path + ".tmp"
-    objects.to_parquet(tmp, index=False)
-    os.replace(tmp, objects_path)
+    write_atomic(objects_path, lambda p: objects.to_parquet(p, index=False))
     counts = pd.Series([f["status"] for f in fields]).value_counts().to_dict()
     summary = {"input": plan["input"], "kind": plan["kind"], "method": cfg["method"],
                "model": model_info, "n_fields": len(fields), "status_counts": counts,

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ..config import ais_params
 from ..instances.ais import ais_blockwise
 from ..io.ome_zarr import (InputError, Plane2DView, create_label_image, open_field, read_json,
-                           spatial_label_axes, write_json_atomic)
+                           spatial_label_axes, write_atomic, write_json_atomic)
 from ..io.pyramid import build_pyramid
 
 TABLE_COLUMNS = ["plate", "well", "row", "column", "field", "label", "area", "centroid_y", "centroid_x"]
@@ -121,10 +121,7 @@ def write_batch_outputs(batch: str, status: dict, tables: list[pd.DataFrame], ou
                         **extra: Any) -> dict[str, Any]:
     """The per-batch table (parquet) and status (JSON), each written atomically, the table first."""
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=TABLE_COLUMNS)
-    os.makedirs(os.path.dirname(out_table), exist_ok=True)
-    tmp = out_table + ".tmp"
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, out_table)
+    write_atomic(out_table, lambda p: table.to_parquet(p, index=False))
     result = {"batch": batch, **extra, "fields": status}
     write_json_atomic(out_json, result)
     return result

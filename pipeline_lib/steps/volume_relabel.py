@@ -17,7 +17,7 @@ import pandas as pd
 import zarr
 from tqdm import tqdm
 
-from ..io.ome_zarr import open_field, read_json, spatial_label_axes, write_json_atomic
+from ..io.ome_zarr import open_field, read_json, spatial_label_axes, write_atomic, write_json_atomic
 from ..io.pyramid import downsample_region
 from ..io.volume import LeadingView
 from ..measure.objects3d import PARTIAL, block_partials, combine_partials, object_table
@@ -74,10 +74,7 @@ def run_volume_relabel_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: s
         region = (slice(z0, z1), slice(0, grid.shape[1]), slice(0, grid.shape[2]))
         downsample_region(levels[0], levels[1:], ratios[1:], region)
     partial = combine_partials(parts)
-    os.makedirs(os.path.dirname(os.path.abspath(out_table)), exist_ok=True)
-    tmp = out_table + ".tmp"
-    partial.to_parquet(tmp, index=False)
-    os.replace(tmp, out_table)
+    write_atomic(out_table, lambda p: partial.to_parquet(p, index=False))
     result = {"batch": batch, "n_labels": int(len(partial)), "seconds": round(time.time() - t0, 3)}
     write_json_atomic(out_json, result)
     return result
@@ -95,9 +92,7 @@ def aggregate_volume(cfg: dict[str, Any], plan: dict[str, Any], model_info: dict
     units = {a["name"]: a.get("unit") for a in img.axes}
     partial = combine_partials([pd.read_parquet(p, columns=PARTIAL) for p in tables])
     objects = object_table(partial, voxel)
-    tmp = objects_path + ".tmp"
-    objects.to_parquet(tmp, index=False)
-    os.replace(tmp, objects_path)
+    write_atomic(objects_path, lambda p: objects.to_parquet(p, index=False))
     status = pd.Series([b["status"] for b in blocks.values()]).value_counts().to_dict()
     failed = {k: b.get("error") for k, b in blocks.items() if b["status"] == "failed"}
     summary = {"input": plan["input"], "kind": "volume", "method": cfg["method"], "model": model_info,

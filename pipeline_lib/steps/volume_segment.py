@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..config import ais_params
 from ..instances.ais import ais_single
-from ..io.ome_zarr import InputError, write_json_atomic
+from ..io.ome_zarr import InputError, write_atomic, write_json_atomic
 from ..io.volume import Volume3D, read_volume_maps
 from ..stitch.tile_match import intersect, local, split_unit
 from ..stitch.volume_grid import VolumeGrid
@@ -86,12 +86,6 @@ def block_path(plan: dict[str, Any], name: str) -> str:
     return os.path.join(plan["scratch"], "blocks", f"{name}.npz")
 
 
-def save_npz_atomic(path: str, **arrays: np.ndarray) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
-
-
 def write_block(plan: dict[str, Any], grid: VolumeGrid, scratch: Any, s: int, t: int,
                 labels: np.ndarray | None) -> list[int]:
     """Store one block's pieces and halo strips; ``labels`` None (a failed block) stores empty ones."""
@@ -111,7 +105,8 @@ def write_block(plan: dict[str, Any], grid: VolumeGrid, scratch: Any, s: int, t:
         if reg is not None:
             strips[f"to_{j}"] = rings[(slice(None),) + local(reg, tile.outer)]
     scratch[(slice(z0, z1),) + tile.inner] = pieces
-    save_npz_atomic(block_path(plan, grid.block_name(s, t)), counts=np.asarray(counts, np.int64), **strips)
+    write_atomic(block_path(plan, grid.block_name(s, t)),
+                 lambda p: np.savez_compressed(p, counts=np.asarray(counts, np.int64), **strips))
     return counts
 
 

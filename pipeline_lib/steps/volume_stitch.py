@@ -20,12 +20,12 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
-from ..io.ome_zarr import read_json, write_json_atomic
+from ..io.ome_zarr import read_json, write_atomic, write_json_atomic
 from ..stitch.merge3d import merge_nodes, overlap_edges
-from ..stitch.tile_match import band_matches, intersect, local
+from ..stitch.tile_match import band_matches, intersect
 from ..stitch.volume_grid import VolumeGrid, to_global, unit_offsets
 from .volume_plan import plan_grid
-from .volume_segment import block_path, save_npz_atomic
+from .volume_segment import block_path
 
 
 def gather_counts(grid: VolumeGrid, segment_jsons: Sequence[str]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -105,9 +105,8 @@ def run_volume_edges_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str
                         zu.append(u), zv.append(v), zc.append(c)
     cat = (lambda xs, dt=np.int64: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))
     yx_pairs = np.concatenate(yx) if yx else np.zeros((0, 2), np.int64)
-    os.makedirs(os.path.dirname(os.path.abspath(out_npz)), exist_ok=True)
-    save_npz_atomic(out_npz, yx=yx_pairs, u=cat(zu), v=cat(zv), count=cat(zc), piece=cat(pid), size=cat(psize),
-                    z=cat(pz))
+    write_atomic(out_npz, lambda p: np.savez_compressed(p, yx=yx_pairs, u=cat(zu), v=cat(zv), count=cat(zc),
+                                                        piece=cat(pid), size=cat(psize), z=cat(pz)))
     return {"n_yx": len(yx_pairs), "n_z": int(sum(len(x) for x in zu)), "seconds": time.time() - t0}
 
 
@@ -152,10 +151,7 @@ def run_volume_merge(cfg: dict[str, Any], plan: dict[str, Any], segment_jsons: S
     n_final = int(lut.max()) if lut.size else 0
     if n_final >= 2**32:
         raise ValueError(f"{n_final} objects do not fit the uint32 label image; split the volume.")
-    os.makedirs(os.path.dirname(os.path.abspath(out_lut)), exist_ok=True)
-    tmp = out_lut + f".tmp{os.getpid()}.npy"
-    np.save(tmp, lut.astype(np.uint32))
-    os.replace(tmp, out_lut)
+    write_atomic(out_lut, lambda p: np.save(p, lut.astype(np.uint32)))
     info = {"n_pieces": n_ids - 1, "n_yx_joins": int(len(yx_pairs)), "n_objects_2d": n_obj - 1,
             "n_z_edges": int(len(key)), "n_objects": n_final, "seconds": round(time.time() - t0, 3)}
     write_json_atomic(out_json, info)
