@@ -248,8 +248,8 @@ def plane_selector(image: Multiscale, channel: int | None, allow_z: bool = False
             sel.append(0)
         elif name == "z":
             if size != 1 and not allow_z:
-                raise InputError(f"{image.path}: is a 3D volume with {size} z-slices; this workflow segments 2D "
-                                 "fields. Use a volume config for 3D data.")
+                raise InputError(f"{image.path}: is a 3D volume with {size} z-slices; plate fields must be 2D. "
+                                 "Give a volume as its own input (the OME-Zarr image group) to segment it in 3D.")
             sel.append(slice(None) if allow_z else 0)
         elif name in ("y", "x"):
             sel.append(slice(None))
@@ -258,28 +258,37 @@ def plane_selector(image: Multiscale, channel: int | None, allow_z: bool = False
     return tuple(sel)
 
 
-class Plane2D:
-    """A lazily read 2D plane of one channel: slicing returns numpy arrays."""
+def read_region(array: Any, index: tuple, source: str, region: Any) -> np.ndarray:
+    """``array[index]`` as numpy; a failed read becomes an InputError naming ``source`` and ``region``."""
+    try:
+        return np.asarray(array[index])
+    except Exception as e:  # noqa: BLE001 - name the chunk that failed
+        raise InputError(f"{source}: could not read region {region} ({type(e).__name__}: {e}); "
+                         "a chunk is missing or corrupt.") from e
+
+
+class ChannelView:
+    """One channel of an image at level 0 over its ``spatial`` axes, read lazily: slicing returns numpy."""
+
+    spatial = "yx"
 
     def __init__(self, image: Multiscale, channel: int | None):
         self.image = image
         self.array = image.level(0)
-        self.sel = plane_selector(image, channel)
-        ny = image.shape[image.axis_names.index("y")]
-        nx = image.shape[image.axis_names.index("x")]
-        self.shape = (ny, nx)
+        self.sel = plane_selector(image, channel, allow_z="z" in self.spatial)
+        self.shape = tuple(image.shape[image.axis_names.index(a)] for a in self.spatial)
         self.dtype = self.array.dtype
-        self.ndim = 2
+        self.ndim = len(self.spatial)
 
-    def __getitem__(self, region: tuple[slice, slice]) -> np.ndarray:
+    def __getitem__(self, region: tuple) -> np.ndarray:
         region = tuple(region)
         it = iter(region)
         full = tuple(next(it) if s == slice(None) else s for s in self.sel)
-        try:
-            return np.asarray(self.array[full])
-        except Exception as e:  # noqa: BLE001 - name the chunk that failed
-            raise InputError(f"{self.image.path}: could not read region {region} ({type(e).__name__}: {e}); "
-                             "a chunk is missing or corrupt.") from e
+        return read_region(self.array, full, self.image.path, region)
+
+
+class Plane2D(ChannelView):
+    """A lazily read 2D plane (y, x) of one channel."""
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -410,17 +419,25 @@ def _json_default(o: Any) -> Any:
     raise TypeError(type(o))
 
 
-class Plane2DView:
-    """A 2D window onto an nD array whose leading axes have size 1 (e.g. labels with t/z axes)."""
+class LeadingView:
+    """A window onto the last ``ndim`` axes of an array whose leading axes have size 1 (e.g. labels with
+    t/z axes seen as (y, x), or t seen as (z, y, x))."""
 
-    def __init__(self, array: Any):
+    def __init__(self, array: Any, ndim: int = 3):
         self.array = array
-        self.lead = tuple(0 for _ in array.shape[:-2])
-        self.shape = tuple(array.shape[-2:])
+        self.lead = tuple(0 for _ in array.shape[:-ndim])
+        self.shape = tuple(array.shape[-ndim:])
         self.dtype = array.dtype
 
     def __getitem__(self, region):
-        return self.array[self.lead + tuple(region)]
+        return np.asarray(self.array[self.lead + tuple(region)])
 
     def __setitem__(self, region, value):
         self.array[self.lead + tuple(region)] = value
+
+
+class Plane2DView(LeadingView):
+    """A (y, x) window onto an nD label array whose leading axes have size 1."""
+
+    def __init__(self, array: Any):
+        super().__init__(array, 2)

@@ -1,13 +1,11 @@
 """Lazy access to 3D OME-Zarr volumes (zyx, czyx, tczyx with one time point) and their label images."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
 import zarr
 
-from .ome_zarr import (InputError, Multiscale, _array_kwargs, plane_selector, versioned, write_ngff,
-                       zarr_format)
+from .ome_zarr import ChannelView, InputError, Multiscale, _array_kwargs, versioned, write_ngff, zarr_format
 
 
 def is_volume(image: Multiscale) -> bool:
@@ -16,44 +14,15 @@ def is_volume(image: Multiscale) -> bool:
     return "z" in names and image.shape[names.index("z")] > 1
 
 
-class Volume3D:
-    """One channel of a volume at level 0 as a lazily read (z, y, x) array: slicing returns numpy."""
+class Volume3D(ChannelView):
+    """One channel of a volume at level 0 as a lazily read (z, y, x) array."""
+
+    spatial = "zyx"
 
     def __init__(self, image: Multiscale, channel: int | None):
         if "z" not in image.axis_names:
             raise InputError(f"{image.path}: axes {image.axis_names} have no z axis; this is not a volume.")
-        self.image = image
-        self.array = image.level(0)
-        self.sel = plane_selector(image, channel, allow_z=True)
-        names = image.axis_names
-        self.shape = tuple(image.shape[names.index(a)] for a in "zyx")
-        self.dtype = self.array.dtype
-        self.ndim = 3
-
-    def __getitem__(self, region: tuple[Any, slice, slice]) -> np.ndarray:
-        it = iter(tuple(region))
-        full = tuple(next(it) if s == slice(None) else s for s in self.sel)
-        try:
-            return np.asarray(self.array[full])
-        except Exception as e:  # noqa: BLE001 - name the chunk that failed
-            raise InputError(f"{self.image.path}: could not read region {tuple(region)} ({type(e).__name__}: "
-                             f"{e}); a chunk is missing or corrupt.") from e
-
-
-class LeadingView:
-    """A (z, y, x) window onto a label array whose extra leading axes (t) have size 1."""
-
-    def __init__(self, array: Any, ndim: int = 3):
-        self.array = array
-        self.lead = tuple(0 for _ in array.shape[:-ndim])
-        self.shape = tuple(array.shape[-ndim:])
-        self.dtype = array.dtype
-
-    def __getitem__(self, region):
-        return np.asarray(self.array[self.lead + tuple(region)])
-
-    def __setitem__(self, region, value):
-        self.array[self.lead + tuple(region)] = value
+        super().__init__(image, channel)
 
 
 def create_volume_maps(group: zarr.Group, shape_zyx: Sequence[int], chunks_yx: Sequence[int],

@@ -17,9 +17,8 @@ import pandas as pd
 import zarr
 from tqdm import tqdm
 
-from ..io.ome_zarr import open_field, read_json, spatial_label_axes, write_atomic, write_json_atomic
+from ..io.ome_zarr import LeadingView, open_field, read_json, spatial_label_axes, write_atomic, write_json_atomic
 from ..io.pyramid import downsample_region
-from ..io.volume import LeadingView
 from ..measure.objects3d import PARTIAL, block_partials, combine_partials, object_table
 from ..stitch.merge3d import fill_z_gaps
 from ..stitch.volume_grid import unit_offsets

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..config import ais_params
 from ..instances.ais import ais_single
-from ..io.ome_zarr import InputError, write_atomic, write_json_atomic
+from ..io.ome_zarr import InputError, read_region, write_atomic, write_json_atomic
 from ..io.volume import Volume3D, read_volume_maps
 from ..stitch.tile_match import intersect, local, split_unit
 from ..stitch.volume_grid import VolumeGrid
@@ -50,12 +50,9 @@ class SliceSegmenter:
         return str(self.model.device) if self.model is not None else "cpu"
 
     def _maps(self, z: int, region: tuple[slice, slice]) -> np.ndarray:
-        try:
-            return np.asarray(self.maps[(slice(None), z) + tuple(region)], dtype=np.float32)
-        except Exception as e:  # noqa: BLE001 - name the chunk that failed
-            raise InputError(f"{self.maps.store}: could not read maps of slice {z}, region "
-                             f"{[(r.start, r.stop) for r in region]} ({type(e).__name__}: {e}); a chunk is "
-                             "missing or corrupt.") from e
+        region = tuple(region)
+        return read_region(self.maps, (slice(None), z) + region, f"{self.maps.store} (maps of slice {z})",
+                           region).astype(np.float32)
 
     def block(self, z0: int, z1: int, region: tuple[slice, slice]) -> np.ndarray:
         """(z1 - z0, h, w) uint32 labels of the slices' crops ``region`` (ids start at 1 in every slice)."""
