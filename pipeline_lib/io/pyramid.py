@@ -43,21 +43,18 @@ def downsample_region(level0: Any, levels: Sequence[Any], ratios0: Sequence[Sequ
     Arrays are (z, y, x) views; work goes slice by slice in yx blocks, so memory stays bounded.
     """
     for dst, ratios in zip(levels, ratios0):
+        idx = [_indices(s, d, r) for s, d, r in zip(level0.shape, dst.shape, ratios)]
         owned = []
         for r, ratio, n in zip(region0, ratios, dst.shape):
             lo, hi = math.ceil(r.start / ratio - 1e-9), math.ceil(r.stop / ratio - 1e-9)
             owned.append(slice(min(lo, n), min(hi, n)))
         if any(s.start >= s.stop for s in owned):
             continue
+        y0, x0 = owned[1].start, owned[2].start
         for z in range(owned[0].start, owned[0].stop):
-            zsrc = min(int(math.floor(z * ratios[0])), level0.shape[0] - 1)
-            yx = (slice(owned[1].start, owned[1].stop), slice(owned[2].start, owned[2].stop))
-            for b in block_grid((yx[0].stop - yx[0].start, yx[1].stop - yx[1].start), block):
-                iy = np.clip(np.floor((np.arange(b.inner[0].start, b.inner[0].stop) + yx[0].start) * ratios[1])
-                             .astype(np.int64), 0, level0.shape[1] - 1)
-                ix = np.clip(np.floor((np.arange(b.inner[1].start, b.inner[1].stop) + yx[1].start) * ratios[2])
-                             .astype(np.int64), 0, level0.shape[2] - 1)
-                src = np.asarray(level0[zsrc, int(iy[0]):int(iy[-1]) + 1, int(ix[0]):int(ix[-1]) + 1])
-                dst[z, b.inner[0].start + yx[0].start:b.inner[0].stop + yx[0].start,
-                    b.inner[1].start + yx[1].start:b.inner[1].stop + yx[1].start] = \
-                    src[np.ix_(iy - iy[0], ix - ix[0])]
+            for b in block_grid((owned[1].stop - y0, owned[2].stop - x0), block):
+                ys = slice(b.inner[0].start + y0, b.inner[0].stop + y0)
+                xs = slice(b.inner[1].start + x0, b.inner[1].stop + x0)
+                iy, ix = idx[1][ys], idx[2][xs]
+                src = np.asarray(level0[int(idx[0][z]), int(iy[0]):int(iy[-1]) + 1, int(ix[0]):int(ix[-1]) + 1])
+                dst[z, ys, xs] = src[np.ix_(iy - iy[0], ix - ix[0])]

@@ -9,14 +9,13 @@ from typing import Any
 
 import zarr
 
-from ..io.ome_zarr import InputError, StoreLayout, create_label_image, open_field, open_group
+from ..io.ome_zarr import InputError, StoreLayout, create_label_image, describe_store, open_field, open_group
 from ..io.volume import Volume3D, is_volume, read_volume_maps
 from ..stitch.volume_grid import VolumeGrid
 
 
 def input_is_volume(path: str) -> bool:
     """True when ``path`` is a single OME-Zarr image with more than one z-slice (False if unreadable)."""
-    from ..io.ome_zarr import describe_store
     try:
         layout = describe_store(path)
         return layout.kind == "image" and is_volume(open_field(path, ""))
@@ -60,7 +59,7 @@ def make_volume_plan(cfg: dict[str, Any], layout: StoreLayout) -> dict[str, Any]
             "shape": list(vol.shape), "dtype": str(vol.dtype), "tile": grid.tile, "halo": grid.halo,
             "z_block": grid.z_block, "n_slabs": grid.n_slabs, "n_tiles": grid.n_tiles, "predictions_root": pred,
             "labels_root": lab_root, "labels": os.path.join(lab_root, "labels", cfg["labels"]["name"]),
-            "scratch": scratch_path(cfg), "batches": batches, "fields": []}
+            "scratch": scratch_path(cfg), "batches": batches}
 
 
 def create_volume_stores(cfg: dict[str, Any], plan: dict[str, Any]) -> None:

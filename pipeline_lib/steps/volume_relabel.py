@@ -63,7 +63,7 @@ def run_volume_relabel_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: s
         a, b = max(0, z0 - reach), min(n_z, z1 + reach)
         for t, tile in enumerate(grid.tiles):
             raw = np.asarray(scratch[(slice(a, b),) + tile.inner]).astype(np.int64)
-            shift = np.array([off[grid.slab_of(z), t, z - grid.slab(grid.slab_of(z))[0]] for z in range(a, b)]) - lo
+            shift = grid.slice_offsets(off, t, a, b) - lo
             ids = lut[np.where(raw > 0, raw + shift[:, None, None], 0)]
             if fill:
                 ids = fill_z_gaps(ids, params.max_gap)

@@ -37,6 +37,7 @@ class SliceSegmenter:
         self.method = cfg["method"]
         self.volume = volume
         self.maps = maps
+        self.ais = ais_params(cfg) if self.method == "ais" else None
         self.model = self.decoder = None
         if not (self.method == "ais" and maps is not None):
             from ..embed.prompt_decoder import PromptDecoder
@@ -59,11 +60,11 @@ class SliceSegmenter:
         shape = tuple(s.stop - s.start for s in region)
         out = np.zeros((z1 - z0, *shape), dtype=np.uint32)
         if self.model is None:
-            p = ais_params(self.cfg)
             for k, z in enumerate(range(z0, z1)):
-                out[k] = ais_single(self._maps(z, region), p)
+                out[k] = ais_single(self._maps(z, region), self.ais)
             return out
         from ..embed.predict import FieldTask, embed_tasks  # torch only where a model runs
+        from .prompt_segment import prompt_labels
         tasks = [FieldTask(f"z{z}", self.volume[(z,) + tuple(region)], None) for z in range(z0, z1)]
         with_maps = self.method in ("ais", "apg") and self.maps is None
         enc = self.cfg["encoder"]
@@ -72,9 +73,8 @@ class SliceSegmenter:
             if maps is None and self.method != "amg":
                 maps = self._maps(z, region)
             if self.method == "ais":
-                out[k] = ais_single(maps, ais_params(self.cfg))
+                out[k] = ais_single(maps, self.ais)
             else:
-                from .prompt_segment import prompt_labels
                 out[k] = prompt_labels(self.cfg, self.decoder, blocks, emb, maps, shape, max(shape))[0]
         return out
 

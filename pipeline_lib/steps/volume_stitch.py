@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..io.ome_zarr import read_json, write_atomic, write_json_atomic
 from ..stitch.merge3d import merge_nodes, overlap_edges
 from ..stitch.tile_match import band_matches, intersect
-from ..stitch.volume_grid import VolumeGrid, to_global, unit_offsets
+from ..stitch.volume_grid import VolumeGrid, unit_offsets
 from .volume_plan import plan_grid
 from .volume_segment import block_path
 
@@ -67,13 +67,8 @@ def _slab_matches(plan: dict[str, Any], grid: VolumeGrid, scratch: Any, s: int, 
 
 def _global_slices(grid: VolumeGrid, scratch: Any, t: int, z0: int, z1: int, off: np.ndarray) -> np.ndarray:
     """Global piece ids of tile ``t`` (inner) for slices z0..z1-1 (int64)."""
-    tile = grid.tiles[t]
-    raw = np.asarray(scratch[(slice(z0, z1),) + tile.inner])
-    out = np.empty(raw.shape, dtype=np.int64)
-    for k, z in enumerate(range(z0, z1)):
-        s = grid.slab_of(z)
-        out[k] = to_global(raw[k], off[s, t, z - grid.slab(s)[0]])
-    return out
+    raw = np.asarray(scratch[(slice(z0, z1),) + grid.tiles[t].inner]).astype(np.int64)
+    return np.where(raw > 0, raw + grid.slice_offsets(off, t, z0, z1)[:, None, None], 0)
 
 
 def run_volume_edges_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, segment_jsons: Sequence[str],

@@ -64,6 +64,11 @@ class VolumeGrid:
                 if j > i:
                     yield i, j
 
+    def slice_offsets(self, off: np.ndarray, t: int, z0: int, z1: int) -> np.ndarray:
+        """The unit offsets of tile ``t`` for slices z0..z1-1 (which may span slabs)."""
+        zs = np.arange(z0, z1)
+        return off[zs // self.z_block, t, zs % self.z_block]
+
     def counts_array(self) -> np.ndarray:
         """Zeros of shape (n_slabs, n_tiles, z_block): pieces per unit (slices past the end stay 0)."""
         return np.zeros((self.n_slabs, self.n_tiles, self.z_block), dtype=np.int64)
@@ -76,9 +81,3 @@ def unit_offsets(counts: np.ndarray) -> tuple[np.ndarray, int]:
     off = np.concatenate([[0], np.cumsum(flat)[:-1]]).reshape(counts.shape)
     return off, int(flat.sum()) + 1
 
-
-def to_global(local: np.ndarray, offset: int) -> np.ndarray:
-    """Local ids (0 = background) of one unit as global int64 ids."""
-    out = local.astype(np.int64)
-    out[out > 0] += offset
-    return out
