@@ -62,9 +62,7 @@ def run_volume_relabel_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: s
         z0, z1 = grid.slab(s)
         a, b = max(0, z0 - reach), min(n_z, z1 + reach)
         for t, tile in enumerate(grid.tiles):
-            raw = np.asarray(scratch[(slice(a, b),) + tile.inner]).astype(np.int64)
-            shift = grid.slice_offsets(off, t, a, b) - lo
-            ids = lut[np.where(raw > 0, raw + shift[:, None, None], 0)]
+            ids = lut[grid.global_ids(np.asarray(scratch[(slice(a, b),) + tile.inner]), off, t, a, shift=lo)]
             if fill:
                 ids = fill_z_gaps(ids, params.max_gap)
             ids = ids[z0 - a:z1 - a]

@@ -67,8 +67,7 @@ def _slab_matches(plan: dict[str, Any], grid: VolumeGrid, scratch: Any, s: int, 
 
 def _global_slices(grid: VolumeGrid, scratch: Any, t: int, z0: int, z1: int, off: np.ndarray) -> np.ndarray:
     """Global piece ids of tile ``t`` (inner) for slices z0..z1-1 (int64)."""
-    raw = np.asarray(scratch[(slice(z0, z1),) + grid.tiles[t].inner]).astype(np.int64)
-    return np.where(raw > 0, raw + grid.slice_offsets(off, t, z0, z1)[:, None, None], 0)
+    return grid.global_ids(np.asarray(scratch[(slice(z0, z1),) + grid.tiles[t].inner]), off, t, z0)
 
 
 def run_volume_edges_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, segment_jsons: Sequence[str],

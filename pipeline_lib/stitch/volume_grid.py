@@ -69,6 +69,14 @@ class VolumeGrid:
         zs = np.arange(z0, z1)
         return off[zs // self.z_block, t, zs % self.z_block]
 
+    def global_ids(self, raw: np.ndarray, off: np.ndarray, t: int, z0: int, shift: int = 0) -> np.ndarray:
+        """Global ids (int64, minus ``shift``) of tile ``t``'s local pieces ``raw`` of slices z0.. (0 stays 0),
+        with one int64 copy of the block."""
+        out = raw.astype(np.int64)
+        out += (self.slice_offsets(off, t, z0, z0 + len(raw)) - shift)[:, None, None]
+        out[raw == 0] = 0
+        return out
+
     def counts_array(self) -> np.ndarray:
         """Zeros of shape (n_slabs, n_tiles, z_block): pieces per unit (slices past the end stay 0)."""
         return np.zeros((self.n_slabs, self.n_tiles, self.z_block), dtype=np.int64)
