@@ -282,3 +282,18 @@ def test_gap_across_slab_boundary_is_bridged_and_filled(synthetic_volume, tmp_pa
     assert segmentation_scores(lab, ref)["msa"] >= 0.99
     both = (lab[14] > 0) & (lab[14] == lab[17])
     assert np.array_equal(lab[15][both], lab[14][both])  # filled with the object above and below
+
+
+def test_volume_config_errors_name_the_fix(synthetic_volume, tmp_path):
+    from pipeline_lib.io.ome_zarr import InputError
+    import shutil
+    shutil.copytree(synthetic_volume / "vol.ome.zarr", tmp_path / "vol.ome.zarr")
+    cfg = _cfg(tmp_path, "x", 32, 48, 16)
+    cfg["predictions"] = str(synthetic_volume / "pred.ome.zarr")
+    with pytest.raises(InputError, match="halo .* larger than tiling.tile"):
+        run_volume_steps(cfg)
+    cfg = _cfg(tmp_path, "x", 128, 32, 16)
+    cfg["predictions"] = str(tmp_path / "missing.ome.zarr")
+    with pytest.raises(InputError, match="(?s)missing.ome.zarr.*c,z,y,x"):
+        run_volume_steps(cfg)
+    assert not (tmp_path / "out_x" / "plan.json").exists()
