@@ -4,7 +4,8 @@
 # Data flow: model -> plan (checkpoint) -> per batch of fields:
 #   ais:     predict (GPU: decoder maps) -> segment (CPU: watershed)
 #   apg/amg: segment (GPU: embed, decode prompts, mask NMS)
-# -> aggregate
+# -> measure (CPU: features in every channel, AnnData tables, accuracy vs ground truth) -> aggregate -> report
+# A folder of TIFF/CZI/ND2 files (ingest.source) is first converted into the OME-Zarr plate at `input`.
 # Volumes (single image with z > 1): workflow/rules/volume.smk (slices -> yx stitch -> 3D merge -> relabel).
 from pipeline_lib.config import validate_config
 from pipeline_lib.steps.volume_plan import input_is_volume
@@ -16,10 +17,15 @@ CFG = validate_config(config, source="the Snakemake config")
 OUT = CFG["output"]
 USE_MODEL = not CFG["predictions"]
 METHOD = CFG["method"]  # "auto" is resolved by validate_config
-VOLUME = input_is_volume(CFG["input"])
+INGEST = bool(CFG["ingest"]["source"])
+VOLUME = not INGEST and input_is_volume(CFG["input"])
 
 
 include: "workflow/rules/common.smk"
+if INGEST:
+
+    include: "workflow/rules/ingest.smk"
+
 include: "workflow/rules/model.smk"
 include: "workflow/rules/plan.smk"
 if VOLUME:
@@ -37,12 +43,13 @@ else:
 
 if not VOLUME:
 
+    include: "workflow/rules/measure.smk"
     include: "workflow/rules/aggregate.smk"
 
 
 
 rule all:
     input:
-        f"{OUT}/summary.json",
-        f"{OUT}/objects.parquet",
+        [f"{OUT}/summary.json", f"{OUT}/objects.parquet"] if VOLUME else
+        [f"{OUT}/{name}" for name in PLATE_OUTPUTS] + [f"{OUT}/report.html"],
     default_target: True

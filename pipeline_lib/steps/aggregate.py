@@ -1,33 +1,80 @@
-"""Collect the per-batch results into summary.json and objects.parquet."""
+"""Collect the per-batch results: summary.json, objects.parquet, fields/wells/plate.csv, metrics.csv and
+provenance.json. Memory is bounded by one batch table plus two columns of all objects (for exact medians)."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from ..io.ome_zarr import read_json, write_atomic, write_json_atomic
-from .segment import TABLE_COLUMNS
+from ..measure.summaries import fields_table, metrics_table, plate_table, public, wells_table
+from ..provenance import provenance
+
+
+def concat_parquet(paths: list[str], out: str) -> int:
+    """Stream the batch tables into one Parquet file (one batch in memory at a time); returns the row count."""
+    tables = [p for p in paths if pq.ParquetFile(p).metadata.num_rows]
+    n = 0
+
+    def write(tmp):
+        nonlocal n
+        if not tables:  # no objects anywhere: an empty table with the key columns
+            pd.DataFrame(columns=["plate", "well", "row", "column", "field", "label"]).to_parquet(tmp, index=False)
+            return
+        schema = pq.read_schema(tables[0])
+        with pq.ParquetWriter(tmp, schema) as w:
+            for p in tables:
+                t = pq.read_table(p).select(schema.names).cast(schema)
+                w.write_table(t)
+                n += t.num_rows
+    write_atomic(out, write)
+    return n
+
+
+def object_areas(paths: list[str]) -> pd.DataFrame:
+    parts = [pd.read_parquet(p, columns=["plate", "well", "area"]) for p in paths
+             if pq.ParquetFile(p).metadata.num_rows]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["plate", "well", "area"])
 
 
 def aggregate(cfg: dict[str, Any], plan: dict[str, Any], model_info: dict[str, Any], batch_jsons: list[str],
-              batch_tables: list[str], summary_path: str, objects_path: str) -> dict[str, Any]:
+              batch_tables: list[str], out_dir: str) -> dict[str, Any]:
+    """Write every plate-level output into ``out_dir``; returns the summary."""
     status: dict[str, Any] = {}
     for p in batch_jsons:
         status.update(read_json(p)["fields"])
-    fields = []
+    n_objects = concat_parquet(batch_tables, os.path.join(out_dir, "objects.parquet"))
+    fields = fields_table(plan["fields"], status)
+    wells = wells_table(fields, object_areas(batch_tables), cfg["report"]["outlier_mad"])
+    plate = plate_table(fields, wells, object_areas(batch_tables))
+    csv = (lambda df, name: write_atomic(os.path.join(out_dir, name), lambda p: df.to_csv(p, index=False)))
+    csv(public(fields), "fields.csv")
+    csv(wells, "wells.csv")
+    csv(plate, "plate.csv")
+    if cfg.get("ground_truth"):
+        csv(metrics_table(fields), "metrics.csv")
+    write_json_atomic(os.path.join(out_dir, "provenance.json"), provenance(cfg, model_info))
+    summary_fields = []
     for f in plan["fields"]:
         s = status.get(f["key"], {"status": "missing", "n_objects": 0})
-        fields.append({"plate": f["plate"], "well": f["well"], "field": f["field"], "path": f["path"],
-                       "image": f["image"], "predictions": f["predictions"], "labels": f["labels"],
-                       "n_objects": s.get("n_objects", 0), "status": s["status"],
-                       **({"error": s["error"]} if s.get("error") else {})})
-    tables = [pd.read_parquet(p) for p in batch_tables]
-    objects = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=TABLE_COLUMNS)
-    write_atomic(objects_path, lambda p: objects.to_parquet(p, index=False))
-    counts = pd.Series([f["status"] for f in fields]).value_counts().to_dict()
-    summary = {"input": plan["input"], "kind": plan["kind"], "method": cfg["method"],
-               "model": model_info, "n_fields": len(fields), "status_counts": counts,
-               "n_objects": int(sum(f["n_objects"] for f in fields)), "labels_name": cfg["labels"]["name"],
-               "config": cfg, "fields": fields}
-    write_json_atomic(summary_path, summary)
+        summary_fields.append({k: f[k] for k in ("plate", "well", "row", "column", "field", "path", "image",
+                                                 "predictions", "labels")}
+                              | {"n_objects": s.get("n_objects", 0), "status": s["status"]}
+                              | ({"error": s["error"]} if s.get("error") else {})
+                              | ({"scores": s["scores"]} if s.get("scores") else {}))
+    counts = pd.Series([f["status"] for f in summary_fields]).value_counts().to_dict()
+    summary = {"input": plan["input"], "kind": plan["kind"], "method": cfg["method"], "model": model_info,
+               "n_fields": len(summary_fields), "status_counts": counts, "n_objects": n_objects,
+               "labels_name": cfg["labels"]["name"], "plate_rows": _plate_axis(plan, "row"),
+               "plate_columns": _plate_axis(plan, "column"), "config": cfg, "fields": summary_fields}
+    write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     return summary
+
+
+def _plate_axis(plan: dict[str, Any], key: str) -> list[str]:
+    """Row or column names of the plate (from its metadata when the plan has it, else from the fields)."""
+    names = plan.get(f"plate_{key}s") or sorted({f[key] for f in plan["fields"]},
+                                                key=lambda s: (len(s), s) if key == "row" else int(s or 0))
+    return list(names)

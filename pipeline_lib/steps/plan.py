@@ -48,7 +48,10 @@ def make_plan(cfg: dict[str, Any], layout: StoreLayout | None = None) -> dict[st
         _check_predictions(cfg["predictions"], fields)
     n = cfg["batching"]["fields_per_job"]
     batches = [list(range(i, min(i + n, len(fields)))) for i in range(0, len(fields), n)]
+    meta = layout.plate_meta or {}
     return {"input": root, "kind": layout.kind, "version": layout.version, "zarr_format": layout.zarr_format,
+            "plate_rows": [str(r["name"]) for r in meta.get("rows", [])],
+            "plate_columns": [str(c["name"]) for c in meta.get("columns", [])],
             "predictions_root": pred_root, "labels_root": lab_root, "fields": fields,
             "batches": {f"b{i:04d}": b for i, b in enumerate(batches)}}
 

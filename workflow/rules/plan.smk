@@ -3,7 +3,8 @@ localrules: plan
 
 checkpoint plan:
     input:
-        f"{OUT}/model.json",
+        model=f"{OUT}/model.json",
+        ingested=[f"{OUT}/ingest/done.json"] if INGEST else [],
     output:
         f"{OUT}/plan.json",
     params:
