@@ -4,8 +4,8 @@ from __future__ import annotations
 import datetime
 import platform
 import socket
+import os
 import subprocess
-import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -49,8 +49,11 @@ def method_params(cfg: dict[str, Any]) -> dict[str, Any]:
     return {**{k: cfg[k] for k in keys + ["tiling", "channel"]}, "resolved": dataclasses.asdict(resolved)}
 
 
-def provenance(cfg: dict[str, Any], model_info: dict[str, Any]) -> dict[str, Any]:
+def provenance(cfg: dict[str, Any], model_info: dict[str, Any], configfiles: list[str] | None = None
+               ) -> dict[str, Any]:
+    """``configfiles``: the config files the run was started with (Snakemake's ``workflow.configfiles``)."""
     return {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "host": socket.gethostname(), "command": " ".join(sys.argv), "workflow_commit": workflow_commit(),
+            "host": socket.gethostname(), "configfiles": [os.path.abspath(p) for p in configfiles or []],
+            "workflow_commit": workflow_commit(),
             "method": cfg["method"], "model": model_info, "params": method_params(cfg),
             "versions": package_versions(), "config": cfg}

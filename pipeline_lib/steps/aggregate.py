@@ -40,7 +40,7 @@ def object_areas(paths: list[str]) -> pd.DataFrame:
 
 
 def aggregate(cfg: dict[str, Any], plan: dict[str, Any], model_info: dict[str, Any], batch_jsons: list[str],
-              batch_tables: list[str], out_dir: str) -> dict[str, Any]:
+              batch_tables: list[str], out_dir: str, configfiles: list[str] | None = None) -> dict[str, Any]:
     """Write every plate-level output into ``out_dir``; returns the summary."""
     status: dict[str, Any] = {}
     for p in batch_jsons:
@@ -55,7 +55,7 @@ def aggregate(cfg: dict[str, Any], plan: dict[str, Any], model_info: dict[str, A
     csv(plate, "plate.csv")
     if cfg.get("ground_truth"):
         csv(metrics_table(fields), "metrics.csv")
-    write_json_atomic(os.path.join(out_dir, "provenance.json"), provenance(cfg, model_info))
+    write_json_atomic(os.path.join(out_dir, "provenance.json"), provenance(cfg, model_info, configfiles))
     summary_fields = []
     for f in plan["fields"]:
         s = status.get(f["key"], {"status": "missing", "n_objects": 0})

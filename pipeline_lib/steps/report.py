@@ -10,6 +10,9 @@ from ..io.ome_zarr import read_json
 from ..measure.regionprops import channel_columns
 
 
+KEY_TYPES = {"plate": str, "well": str, "row": str, "column": str, "field": str, "path": str, "error": str}
+
+
 def intensity_column(fields: pd.DataFrame, channel: int | str) -> str | None:
     """The ``mean_intensity_<ch>`` column of a channel given by index or name."""
     cols = [c for c in fields.columns if c.startswith("mean_intensity_")]
@@ -25,11 +28,10 @@ def intensity_column(fields: pd.DataFrame, channel: int | str) -> str | None:
 def run_report(cfg: dict[str, Any], out_dir: str) -> str:
     from ..report.html import write_report
     summary = read_json(os.path.join(out_dir, "summary.json"))
-    fields = pd.read_csv(os.path.join(out_dir, "fields.csv"), keep_default_na=True)
-    wells = pd.read_csv(os.path.join(out_dir, "wells.csv"))
-    plate = pd.read_csv(os.path.join(out_dir, "plate.csv"))
-    metrics_path = os.path.join(out_dir, "metrics.csv")
-    metrics = pd.read_csv(metrics_path) if cfg.get("ground_truth") and os.path.exists(metrics_path) else None
+    read = (lambda name: pd.read_csv(os.path.join(out_dir, name), dtype=KEY_TYPES, keep_default_na=True))
+    fields, wells, plate = read("fields.csv"), read("wells.csv"), read("plate.csv")
+    has_metrics = cfg.get("ground_truth") and os.path.exists(os.path.join(out_dir, "metrics.csv"))
+    metrics = read("metrics.csv") if has_metrics else None
     channel = cfg["report"]["intensity_channel"]
     column = intensity_column(fields, cfg["channel"] if channel is None else channel)
     return str(write_report(out_dir, summary, fields, wells, plate, metrics,

@@ -16,7 +16,8 @@ rule aggregate:
         ground_truth=CFG["ground_truth"], report=CFG["report"],
     run:
         from pipeline_lib.steps.aggregate import aggregate
-        aggregate(CFG, read_json_file(input.plan), read_json_file(input.model), input.jsons, input.tables, OUT)
+        aggregate(CFG, read_json_file(input.plan), read_json_file(input.model), input.jsons, input.tables, OUT,
+                  [str(p) for p in workflow.configfiles])
 
 
 rule report:
