@@ -16,7 +16,6 @@ import pandas as pd
 
 SHAPE_COLUMNS = ["label", "area", "centroid_y", "centroid_x", "bbox_min_y", "bbox_min_x", "bbox_max_y",
                  "bbox_max_x", "major_axis_length", "minor_axis_length", "eccentricity", "orientation", "solidity"]
-_SUMS = ["n", "sy", "sx", "syy", "sxx", "sxy"]
 
 
 def channel_columns(names: Sequence[str]) -> list[str]:
@@ -46,10 +45,14 @@ def block_stats(labels: np.ndarray, channels: Sequence[np.ndarray], origin: tupl
     yy, xx = np.divmod(fg, labels.shape[1])
     yy = yy + origin[0]
     xx = xx + origin[1]
-    yf, xf = yy.astype(np.float64), xx.astype(np.float64)
-    cols: dict[str, Any] = {"label": uniq.astype(np.int64), "n": np.diff(np.r_[start, len(ids)])}
-    for name, v in (("sy", yf), ("sx", xf), ("syy", yf * yf), ("sxx", xf * xf), ("sxy", yf * xf)):
-        cols[name] = np.add.reduceat(v, start)
+    n = np.diff(np.r_[start, len(ids)])
+    cols: dict[str, Any] = {"label": uniq.astype(np.int64), "n": n}
+    # central second moments (about each object's mean in this block): exact for symmetric objects
+    owner = np.repeat(np.arange(len(uniq)), n)
+    my, mx = np.add.reduceat(yy, start) / n, np.add.reduceat(xx, start) / n
+    dy, dx = yy - my[owner], xx - mx[owner]
+    cols.update(my=my, mx=mx, cyy=np.add.reduceat(dy * dy, start), cxx=np.add.reduceat(dx * dx, start),
+                cxy=np.add.reduceat(dy * dx, start))
     for name, v in (("y", yy), ("x", xx)):
         cols[f"min_{name}"] = np.minimum.reduceat(v, start)
         cols[f"max_{name}"] = np.maximum.reduceat(v, start)
@@ -69,18 +72,26 @@ def combine_stats(parts: list[pd.DataFrame]) -> pd.DataFrame:
     df = pd.concat(parts, ignore_index=True)
     if not df["label"].duplicated().any():
         return df.sort_values("label", ignore_index=True)
+    # means and central moments of the parts combine exactly (Chan et al.'s pairwise update)
+    n = df.groupby("label")["n"].transform("sum")
+    my = (df["n"] * df["my"]).groupby(df["label"]).transform("sum") / n
+    mx = (df["n"] * df["mx"]).groupby(df["label"]).transform("sum") / n
+    dy, dx = df["my"] - my, df["mx"] - mx
+    df = df.assign(cyy=df["cyy"] + df["n"] * dy * dy, cxx=df["cxx"] + df["n"] * dx * dx,
+                   cxy=df["cxy"] + df["n"] * dy * dx, my=df["n"] * df["my"], mx=df["n"] * df["mx"])
     how = {c: ("min" if c.startswith(("min_", "imin_")) else "max" if c.startswith(("max_", "imax_")) else "sum")
            for c in df.columns if c != "label"}
-    return df.groupby("label", sort=True).agg(how).reset_index()
+    out = df.groupby("label", sort=True).agg(how).reset_index()
+    out["my"] /= out["n"]
+    out["mx"] /= out["n"]
+    return out
 
 
 def shape_features(stats: pd.DataFrame) -> pd.DataFrame:
     """Area, centroid, bbox (max exclusive), axis lengths, eccentricity and orientation, as in scikit-image."""
     n = stats["n"].to_numpy(np.float64)
-    cy, cx = stats["sy"].to_numpy() / n, stats["sx"].to_numpy() / n
-    vyy = np.maximum(stats["syy"].to_numpy() / n - cy * cy, 0)
-    vxx = np.maximum(stats["sxx"].to_numpy() / n - cx * cx, 0)
-    vxy = stats["sxy"].to_numpy() / n - cy * cx
+    cy, cx = stats["my"].to_numpy(), stats["mx"].to_numpy()
+    vyy, vxx, vxy = (stats[k].to_numpy() / n for k in ("cyy", "cxx", "cxy"))
     a, b, c = vxx, -vxy, vyy  # skimage's inertia tensor [[a, b], [b, c]] = [[var x, -cov], [-cov, var y]]
     root = np.sqrt(((a - c) / 2) ** 2 + b * b)
     l1, l2 = (a + c) / 2 + root, np.maximum((a + c) / 2 - root, 0)
