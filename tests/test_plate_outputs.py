@@ -90,8 +90,9 @@ def test_synthetic_multichannel_plate_with_a_failed_and_an_unscored_field(tmp_pa
     chunk.write_bytes(b"not a chunk")  # channel 1 of field B/2/1
     shutil.rmtree(plate / "A" / "1" / "1" / "labels" / "nuclei_gt")
     out = tmp_path / "out"
-    run_workflow({"input": str(plate), "output": str(out), "predictions": str(tmp_path / "oracle.ome.zarr"),
-                  "ground_truth": "nuclei_gt", "tiling": {"tile": 64, "halo": 16}}, tmp_path)
+    run = run_workflow({"input": str(plate), "output": str(out), "predictions": str(tmp_path / "oracle.ome.zarr"),
+                        "ground_truth": "nuclei_gt", "tiling": {"tile": 64, "halo": 16}}, tmp_path, check=False)
+    assert run.returncode != 0 and "B/2/1: failed" in run.stderr  # outputs written, then the run fails
     objects = pd.read_parquet(out / "objects.parquet")
     fields = pd.read_csv(out / "fields.csv", dtype={"field": str})
     assert {"intensity_mean_DAPI", "intensity_mean_ch1", "intensity_max_ch1"} <= set(objects.columns)  # OMERO names

@@ -1,5 +1,6 @@
 """End-to-end runs of the real Snakefile (subprocess snakemake, 2 cores)."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -141,20 +142,38 @@ def test_single_image_input(tmp_path, tiny_model):
     assert maps.shape == (3, 150, 190) and float(np.asarray(maps).max()) > 0
 
 
-def test_corrupt_chunk_fails_that_field_only(tiny_model, tmp_path):
+def test_corrupt_chunk_fails_that_field_only_and_a_rerun_redoes_just_its_batch(tiny_model, tmp_path):
     plate = tmp_path / "p.ome.zarr"
     write_synthetic_plate(plate, rows="A", columns=[1, 2], fields=1, shape=(120, 150), nuclei=8)
     chunk = plate / "A/2/0/s0/0/0/0"
     assert chunk.is_file()
+    good = chunk.read_bytes()
     chunk.write_bytes(b"not a blosc chunk")
     cfg = {"input": str(plate), "output": str(tmp_path / "out"), "tiling": {"tile": 256, "halo": 16},
-           "model": {"checkpoint": tiny_model["checkpoint"], "decoder": tiny_model["decoder"], "device": "cpu"}}
-    run_workflow(cfg, tmp_path)
+           "model": {"checkpoint": tiny_model["checkpoint"], "decoder": tiny_model["decoder"], "device": "cpu"},
+           "method": "ais", "batching": {"fields_per_job": 1}}
+    first = run_workflow(cfg, tmp_path, check=False)
+    assert first.returncode != 0  # the run says that fields failed, and which
+    assert "1 of 2 fields failed" in first.stderr and "A/2/0: failed" in first.stderr
     fields = {f["path"]: f for f in json.loads((tmp_path / "out" / "summary.json").read_text())["fields"]}
     assert fields["A/2/0"]["status"] == "failed"
     assert "A/2/0" in fields["A/2/0"]["error"] and "corrupt" in fields["A/2/0"]["error"]
     assert fields["A/1/0"]["status"] in ("ok", "empty")
     assert (plate / "A/1/0/labels/sam/s0").exists()
+    assert "A/2/0" in (tmp_path / "out" / "report.html").read_text()
+    # the failed batch (b0001) was retired: a rerun plans exactly its jobs, then the aggregate and report
+    jobs = tmp_path / "out" / "jobs"
+    assert (jobs / "segment" / "b0001.json.failed").exists() and not (jobs / "segment" / "b0001.json").exists()
+    dry = run_workflow(cfg, tmp_path, extra=("--dry-run",))
+    stats = dict(re.findall(r"^(\w+)\s+(\d+)$", dry.stdout + dry.stderr, flags=re.M))
+    assert {k: stats.get(k) for k in ("predict", "segment", "measure", "aggregate", "total")} == {
+        "predict": "1", "segment": "1", "measure": "1", "aggregate": "1", "total": "7"}
+    kept = (jobs / "measure" / "b0000.json").stat().st_mtime_ns
+    chunk.write_bytes(good)  # the input is repaired
+    run_workflow(cfg, tmp_path)
+    fields = {f["path"]: f for f in json.loads((tmp_path / "out" / "summary.json").read_text())["fields"]}
+    assert fields["A/2/0"]["status"] in ("ok", "empty") and (jobs / "measure" / "b0001.json").exists()
+    assert (jobs / "measure" / "b0000.json").stat().st_mtime_ns == kept  # the good batch was not redone
 
 
 def test_large_field_scratch_on_disk_gives_same_labels(tmp_path, monkeypatch):

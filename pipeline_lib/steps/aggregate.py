@@ -73,6 +73,44 @@ def aggregate(cfg: dict[str, Any], plan: dict[str, Any], model_info: dict[str, A
     return summary
 
 
+class FailedFieldsError(RuntimeError):
+    """Some fields failed: the run's outputs are written, and the next run redoes their batches."""
+
+
+def check_complete(cfg: dict[str, Any], plan: dict[str, Any], out_dir: str, out_json: str) -> dict[str, Any]:
+    """The last step of a plate run: fine when every field is ok or empty. Otherwise (with
+    ``batching.rerun_failed``) retire the failed batches and fail the run, naming the fields."""
+    summary = read_json(os.path.join(out_dir, "summary.json"))
+    status = {f["path"]: f for f in summary["fields"]}
+    bad = [f for f in summary["fields"] if f["status"] not in ("ok", "empty")]
+    if bad and cfg["batching"]["rerun_failed"]:
+        by_key = {f["key"]: status[f["path"]] for f in plan["fields"]}
+        retired = retire_failed_batches(out_dir, plan, by_key)
+        lines = [f"  {f['path'] or 'image'}: {f['status']}: {f.get('error', 'no result')}" for f in bad[:20]]
+        raise FailedFieldsError(
+            f"{len(bad)} of {len(status)} fields failed (summary.json, fields.csv and report.html list them):\n"
+            + "\n".join(lines) + ("\n  ..." if len(bad) > 20 else "")
+            + f"\nRun the same command again to redo just their batches ({', '.join(retired)}); fix the inputs "
+            "first if the error is in the data, or set batching.rerun_failed: false to accept the failures.")
+    result = {"n_fields": len(status), "failed": [f["path"] for f in bad]}
+    write_json_atomic(out_json, result)
+    return result
+
+def retire_failed_batches(out_dir: str, plan: dict[str, Any], status: dict[str, Any]) -> list[str]:
+    """Rename the job markers of batches with failed or missing fields to ``*.failed``: the next run sees
+    them missing and recomputes just those batches (the outputs of this run stay readable meanwhile)."""
+    retired = []
+    for batch, idx in sorted(plan["batches"].items()):
+        if all(status.get(plan["fields"][i]["key"], {}).get("status") in ("ok", "empty") for i in idx):
+            continue
+        for kind in ("predict", "segment", "measure"):
+            marker = os.path.join(out_dir, "jobs", kind, f"{batch}.json")
+            if os.path.exists(marker):
+                os.replace(marker, marker + ".failed")
+        retired.append(batch)
+    return retired
+
+
 def _plate_axis(plan: dict[str, Any], key: str) -> list[str]:
     """Row or column names of the plate (from its metadata when the plan has it, else from the fields)."""
     names = plan.get(f"plate_{key}s") or sorted({f[key] for f in plan["fields"]},

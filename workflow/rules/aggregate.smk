@@ -1,4 +1,4 @@
-localrules: aggregate, report
+localrules: aggregate, report, check_complete
 
 PLATE_OUTPUTS = ["summary.json", "objects.parquet", "fields.csv", "wells.csv", "plate.csv", "provenance.json"] + (
     ["metrics.csv"] if CFG["ground_truth"] else [])
@@ -30,3 +30,19 @@ rule report:
     run:
         from pipeline_lib.steps.report import run_report
         run_report(CFG, OUT)
+
+
+# The last step: fails the run when fields failed, after retiring their batches so that the next run
+# recomputes exactly those (batching.rerun_failed; see README "Failures and resume").
+rule check_complete:
+    input:
+        markers=lambda wc: expand(f"{OUT}/jobs/measure/{{batch}}.json", batch=batch_ids(wc)),
+        summary=f"{OUT}/summary.json",
+        report=f"{OUT}/report.html",
+    output:
+        f"{OUT}/jobs/complete.json",
+    params:
+        rerun_failed=CFG["batching"]["rerun_failed"],
+    run:
+        from pipeline_lib.steps.aggregate import check_complete
+        check_complete(CFG, read_json_file(f"{OUT}/plan.json"), OUT, output[0])
