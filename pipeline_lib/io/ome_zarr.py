@@ -9,6 +9,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -96,8 +97,9 @@ class Multiscale:
                 return [float(s) for s in t["scale"]]
         return [1.0] * len(self.axes)
 
-    @property
+    @cached_property
     def shape(self) -> tuple[int, ...]:
+        """Level-0 shape (read once: opening an array is a metadata read, slow on network filesystems)."""
         return tuple(self.level(0).shape)
 
     def channel_names(self) -> list[str]:
@@ -275,6 +277,7 @@ class ChannelView:
     def __init__(self, image: Multiscale, channel: int | None):
         self.image = image
         self.array = image.level(0)
+        image.__dict__.setdefault("shape", tuple(self.array.shape))
         self.sel = plane_selector(image, channel, allow_z="z" in self.spatial)
         self.shape = tuple(image.shape[image.axis_names.index(a)] for a in self.spatial)
         self.dtype = self.array.dtype

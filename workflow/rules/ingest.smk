@@ -28,7 +28,7 @@ rule ingest:
         f"{OUT}/jobs/ingest/{{batch}}.json",
     threads: 1
     resources:
-        mem_mb=lambda wildcards, input: ingest_mem_mb(read_json_file(input.plan)),
+        mem_mb=lambda wildcards, input, attempt: ingest_mem_mb(read_json_file(input.plan)) * attempt,
     run:
         from pipeline_lib.steps.ingest import run_ingest_batch
         run_ingest_batch(CFG, read_json_file(input.plan), wildcards.batch, output[0])

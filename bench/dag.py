@@ -1,0 +1,216 @@
+"""DAG scale benchmark: Snakemake's job graph for a full 384-well x 9-field plate (metadata only, no pixels).
+
+Writes a synthetic NGFF 0.4 / zarr v2 plate of 16 rows (A..P) x 24 columns x 9 fields, each field a
+1-channel 2160 x 2160 uint16 image with a pyramid, whose arrays exist but hold no chunks (only metadata
+is written, so the plate takes seconds and a few MB). A tiny random-weight model stands in for the
+published one (no network). Then, per method:
+
+1. ``snakemake --until plan`` runs the ``model`` rule and the ``plan`` checkpoint (which opens every
+   field's metadata); the DAG beyond the checkpoint is only known once plan.json exists;
+2. ``snakemake --dry-run`` builds the full job graph; its wall clock (Snakemake start-up included) and the
+   job counts of its "Job stats" table are reported, total and per rule, with the cluster jobs (total minus
+   the local rules declared with ``localrules:`` in workflow/rules/*.smk and the action-less target ``all``).
+
+Prints a table: method, fields, batches, jobs (total, cluster, per rule), plan seconds, dry-run seconds.
+The issue's target: the dry run under 30 s and at most a few hundred jobs with the default batching.
+
+    python bench/dag.py                            # ais and apg, default batching (schema default)
+    python bench/dag.py --fields-per-job 16 32     # override batching.fields_per_job (one row each)
+    python bench/dag.py --methods apg --keep       # keep the temporary directory (plate, configs, outputs)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+import zarr
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline_lib.io.ome_zarr import _array_kwargs, versioned, write_ngff  # noqa: E402
+
+ROWS = "ABCDEFGHIJKLMNOP"
+
+
+def write_metadata_plate(path: Path, rows: str = ROWS, columns: int = 24, fields: int = 9, side: int = 2160,
+                         levels: int = 3, chunk: int = 1024, version: str = "0.4") -> int:
+    """An HCS plate whose image arrays are created empty (fill_value 0, no chunk written); returns the field count.
+
+    Same layout and metadata as ``pipeline_lib.io.synthetic.write_synthetic_plate`` (plate -> well -> field
+    image groups with multiscales and omero metadata), without pixels.
+    """
+    fmt = 3 if version.startswith("0.5") else 2
+    root = zarr.open_group(str(path), mode="w", zarr_format=fmt)
+    axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+    datasets = [{"path": f"s{lvl}", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 2.0 ** lvl, 2.0 ** lvl]}]}
+                for lvl in range(levels)]
+    image_meta = {"multiscales": [versioned({"axes": axes, "datasets": datasets, "name": "image"}, version)],
+                  "omero": {"channels": [{"label": "DAPI", "color": "FFFFFF", "active": True,
+                                          "window": {"start": 0, "end": 4000, "min": 0, "max": 65535}}]}}
+    wells, n = [], 0
+    for ri, r in enumerate(rows):
+        for ci in range(columns):
+            c = str(ci + 1)
+            wpath = f"{r}/{c}"
+            wells.append({"path": wpath, "rowIndex": ri, "columnIndex": ci})
+            well = root.require_group(wpath)
+            write_ngff(well, {"well": versioned({"images": [{"path": str(i)} for i in range(fields)]}, version)},
+                       version)
+            for i in range(fields):
+                fg = well.require_group(str(i))
+                for lvl in range(levels):
+                    s = -(-side // 2 ** lvl)
+                    fg.create_array(f"s{lvl}", shape=(1, s, s), chunks=(1, min(chunk, s), min(chunk, s)),
+                                    dtype="uint16", fill_value=0, overwrite=True, **_array_kwargs(fmt))
+                write_ngff(fg, image_meta, version)
+                n += 1
+    plate = versioned({"name": path.name, "rows": [{"name": r} for r in rows],
+                       "columns": [{"name": str(c + 1)} for c in range(columns)], "wells": wells,
+                       "field_count": fields}, version)
+    write_ngff(root, {"plate": plate}, version)
+    return n
+
+
+def local_rules() -> set[str]:
+    """Rules declared ``localrules:`` in workflow/rules/*.smk and the Snakefile, plus ``all`` (no action:
+    Snakemake always runs such rules locally)."""
+    names = {"all"}
+    for f in [REPO / "Snakefile", *sorted((REPO / "workflow" / "rules").glob("*.smk"))]:
+        for m in re.finditer(r"^localrules:\s*(.+)$", f.read_text(), flags=re.M):
+            names.update(n.strip() for n in m.group(1).split(",") if n.strip())
+    return names
+
+
+def job_stats(text: str) -> dict[str, int]:
+    """The "Job stats" table of a Snakemake run/dry run: {rule: count, ..., "total": n}."""
+    lines = text.splitlines()
+    try:
+        start = next(i for i, ln in enumerate(lines) if ln.strip() == "Job stats:")
+    except StopIteration:
+        raise SystemExit(f"no 'Job stats' table in the dry run's output:\n{text[-4000:]}") from None
+    counts = {}
+    for ln in lines[start + 1:]:
+        parts = ln.split()
+        if not parts:
+            if counts:
+                break
+            continue
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+            if parts[0] == "total":
+                break
+    return counts
+
+
+def snakemake(work: Path, cfg: Path, *extra: str) -> tuple[float, str]:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(work),
+           "--configfile", str(cfg), "--cores", "1", *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    out = proc.stdout + "\n" + proc.stderr
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{out[-4000:]}")
+    return dt, out
+
+
+def run_method(method: str, fpj: int | None, plate: Path, model: dict, work: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = {"input": str(plate), "output": str(work / "out"), "method": method,
+           "model": {"checkpoint": model["checkpoint"], "decoder": model["decoder"], "device": "cpu"}}
+    if fpj is not None:
+        cfg["batching"] = {"fields_per_job": fpj}
+    cfg_path = work / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    t_plan, _ = snakemake(work, cfg_path, "--until", "plan")
+    t_dry, out = snakemake(work, cfg_path, "--dry-run")
+    plan = json.loads((work / "out" / "plan.json").read_text())
+    counts = job_stats(out)
+    total = counts.pop("total", sum(counts.values()))
+    local = local_rules()
+    return {"method": method, "fields_per_job": fpj, "fields": len(plan["fields"]), "batches": len(plan["batches"]),
+            "jobs": total, "cluster_jobs": total - sum(n for r, n in counts.items() if r in local),
+            "per_rule": counts, "plan_s": t_plan, "dry_run_s": t_dry}
+
+
+def schema_default_fpj() -> int:
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    return schema["properties"]["batching"]["properties"]["fields_per_job"]["default"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=["ais", "apg"], choices=["ais", "apg", "amg"])
+    ap.add_argument("--fields-per-job", type=int, nargs="+", default=None,
+                    help="override batching.fields_per_job (default: leave it out, the schema default applies)")
+    ap.add_argument("--rows", type=int, default=16, help="plate rows (A..P)")
+    ap.add_argument("--columns", type=int, default=24)
+    ap.add_argument("--fields", type=int, default=9, help="fields per well")
+    ap.add_argument("--side", type=int, default=2160, help="field size in pixels (no pixels are written)")
+    ap.add_argument("--levels", type=int, default=3)
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="dag_bench_"))
+    try:
+        plate = tmp / "plate.ome.zarr"
+        t0 = time.perf_counter()
+        n = write_metadata_plate(plate, ROWS[:args.rows], args.columns, args.fields, args.side, args.levels)
+        t_plate = time.perf_counter() - t0
+        n_files = sum(1 for p in plate.rglob("*") if p.is_file())
+        print(f"plate: {args.rows} x {args.columns} wells x {args.fields} fields = {n} fields "
+              f"({args.side}^2 uint16, {args.levels} levels, metadata only: {n_files} files) in {t_plate:.1f} s")
+
+        from pipeline_lib.models.tiny import write_tiny_model
+        model = write_tiny_model(tmp / "model")
+
+        t0 = time.perf_counter()
+        snakemake_version = subprocess.run([sys.executable, "-m", "snakemake", "--version"], capture_output=True,
+                                           text=True).stdout.strip()
+        t_start = time.perf_counter() - t0
+        print(f"snakemake {snakemake_version}: `snakemake --version` takes {t_start:.1f} s (start-up alone)")
+        print(f"local rules (not cluster jobs): {', '.join(sorted(local_rules()))}")
+        print(f"default batching.fields_per_job (schema): {schema_default_fpj()}")
+        print()
+
+        results = []
+        for fpj in args.fields_per_job or [None]:
+            for method in args.methods:
+                tag = f"{method}_{fpj or 'default'}"
+                r = run_method(method, fpj, plate, model, tmp / tag)
+                results.append(r)
+                print(f"  {tag}: plan {r['plan_s']:.1f} s, dry run {r['dry_run_s']:.1f} s, {r['jobs']} jobs",
+                      flush=True)
+
+        print()
+        head = f"{'method':<7}{'fields/job':>11}{'fields':>8}{'batches':>9}{'jobs':>6}{'cluster':>9}" \
+               f"{'plan s':>8}{'dry-run s':>11}  jobs per rule"
+        print(head)
+        print("-" * len(head))
+        for r in results:
+            fpj = r["fields_per_job"] if r["fields_per_job"] is not None else f"{schema_default_fpj()}*"
+            rules = ", ".join(f"{k} {v}" for k, v in r["per_rule"].items())
+            print(f"{r['method']:<7}{fpj!s:>11}{r['fields']:>8}{r['batches']:>9}{r['jobs']:>6}"
+                  f"{r['cluster_jobs']:>9}{r['plan_s']:>8.1f}{r['dry_run_s']:>11.1f}  {rules}")
+        if not args.fields_per_job:
+            print("* schema default (batching left out of the config)")
+        print("jobs = the dry run's Job stats total; cluster = jobs minus local rules; plan s = `--until plan` "
+              "(model + plan checkpoint); dry-run s = wall clock of `snakemake --dry-run` (start-up included)")
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The demo plate through `--profile profiles/slurm` on a real single-node SLURM (tests/slurm/cluster.sh:
+slurmctld, slurmd, slurmdbd + MariaDB, munge), with one GPU-rule job killed on purpose mid-run. The killed
+job is retried by the profile, and the final labels equal those of an uninterrupted local run.
+
+Needs root (the cluster runs as root and its Debian packages are installed when missing); skips otherwise.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+import zarr
+
+from conftest import REPO, run_workflow
+
+CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
+DAEMONS = ("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd")
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if os.geteuid() != 0:
+        pytest.skip("the test SLURM cluster runs as root")
+    d = Path(tempfile.mkdtemp(prefix="samslurm", dir="/tmp"))  # short: the munge socket path must fit
+    env = dict(os.environ, SLURM_TEST_DIR=str(d))
+    if not all(shutil.which(x) or Path("/usr/sbin", x).exists() for x in DAEMONS):
+        r = subprocess.run(["bash", str(CLUSTER), "install"], env=env, capture_output=True, text=True, timeout=900)
+        if r.returncode:
+            pytest.skip(f"could not install slurm-wlm/munge/slurmdbd/mariadb: {r.stderr[-500:]}")
+    r = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"cluster start failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    env.update(SLURM_CONF=str(d / "etc" / "slurm.conf"), PATH=f"{d / 'bin'}:{env['PATH']}")
+    yield env
+    subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, timeout=300)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_profile_resources_evaluate_and_scale_with_attempt():
+    """The shipped profile: GPU rules on the gpu partition, memory and runtime grow with the attempt."""
+    prof = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    assert prof["executor"] == "slurm" and prof["retries"] >= 1 and prof["keep-going"] and prof["rerun-incomplete"]
+    for rule in ("predict", "prompt_segment", "volume_segment"):
+        assert prof["set-resources"][rule]["slurm_partition"] == "gpu"
+    for rule, res in prof["set-resources"].items():
+        for key in ("mem_mb", "runtime"):
+            if key in res:
+                assert eval(str(res[key]), {"attempt": 2}) == 2 * eval(str(res[key]), {"attempt": 1}), (rule, key)
+
+
+def test_profile_mentions_every_cluster_rule():
+    rules = set()
+    for smk in (REPO / "workflow" / "rules").glob("*.smk"):
+        text = smk.read_text()
+        local = set(re.findall(r"\w+", " ".join(re.findall(r"^localrules:(.*)$", text, flags=re.M))))
+        rules |= set(re.findall(r"^(?:rule|checkpoint) (\w+):", text, flags=re.M)) - local
+    prof = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    assert rules - {"all"} <= set(prof["set-resources"]), rules - set(prof["set-resources"])
+
+
+def _test_profile(dst: Path) -> Path:
+    """profiles/slurm with the test cluster's partition and size (1 CPU, small memory, no GPUs)."""
+    prof = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    prof["default-resources"].update(slurm_partition="debug", slurm_account="samtest", mem_mb="1500 * attempt",
+                                     runtime="10 * attempt")
+    for res in prof["set-resources"].values():
+        res.update(slurm_partition="debug", mem_mb="1500 * attempt", cpus_per_task=1)
+    for rule in ("predict", "prompt_segment", "volume_segment"):
+        prof["set-resources"][rule]["gpu"] = 0  # the test node has no GPU; the rules run on CPU
+    prof.update({"jobs": 4, "latency-wait": 5, "slurm-init-seconds-before-status-checks": 1,
+                 "slurm-keep-successful-logs": True})
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "config.yaml").write_text(yaml.safe_dump(prof))
+    return dst
+
+
+def _kill_when_running(pattern: str, proc: subprocess.Popen, timeout: float = 300) -> list[int]:
+    """SIGKILL the processes of the job whose command line matches ``pattern`` once it has run 2 s."""
+    t0, seen = time.time(), None
+    while time.time() - t0 < timeout and proc.poll() is None:
+        out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        pids = [int(p) for p in out if int(p) != os.getpid()]
+        if pids and seen is None:
+            seen = time.time()
+        if pids and time.time() - seen > 2:
+            for p in pids:
+                try:
+                    os.kill(p, 9)
+                except ProcessLookupError:
+                    pass
+            return pids
+        time.sleep(0.3)
+    return []
+
+
+@pytest.mark.slow
+def test_demo_plate_on_real_slurm_with_a_killed_job(slurm, tiny_model, tmp_path):
+    from pipeline_lib.io.synthetic import write_synthetic_plate
+    plates = {}
+    for name in ("slurm", "local"):  # the demo plate (python -m pipeline_lib demo), twice
+        plates[name] = tmp_path / name / "demo_plate.ome.zarr"
+        write_synthetic_plate(plates[name], rows="AB", columns=[1, 2, 3], fields=2, shape=(384, 512), nuclei=40)
+    model = {"checkpoint": tiny_model["checkpoint"], "decoder": tiny_model["decoder"], "device": "cpu"}
+    base = {"method": "ais", "model": model, "ais": {"keep_unseeded": True}, "batching": {"fields_per_job": 4}}
+    cfg = dict(base, input=str(plates["slurm"]), output=str(tmp_path / "slurm" / "results"))
+    (tmp_path / "slurm" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    profile = _test_profile(tmp_path / "profile")
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+           str(tmp_path / "slurm"), "--configfile", str(tmp_path / "slurm" / "config.yaml"), "--profile", str(profile)]
+    log = open(tmp_path / "snakemake.log", "w")
+    proc = subprocess.Popen(cmd, env=slurm, stdout=log, stderr=subprocess.STDOUT, text=True)
+    killed = _kill_when_running(r"predict:batch=b0001", proc)
+    try:
+        rc = proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = (tmp_path / "snakemake.log").read_text()
+    assert rc == 0, text[-6000:]
+    assert killed, "the predict job of batch b0001 was never seen running"
+    assert re.search(r"Error in rule predict|failed", text, flags=re.I), "the kill went unnoticed"
+    states = subprocess.run(["sacct", "-X", "-n", "-P", "--format=JobID,State"], env=slurm, capture_output=True,
+                            text=True).stdout
+    assert "FAILED" in states or "CANCELLED" in states, states  # the killed attempt, as SLURM saw it
+    assert states.count("COMPLETED") >= 9, states  # 3 batches x predict/segment/measure, plus the retry
+    # an uninterrupted local run of the same config gives the same labels
+    run_workflow(dict(base, input=str(plates["local"]), output=str(tmp_path / "local" / "results")),
+                 tmp_path / "local")
+    for f in yaml.safe_load((tmp_path / "slurm" / "results" / "summary.json").read_text())["fields"]:
+        assert f["status"] in ("ok", "empty")
+        a = zarr.open_array(f"{plates['slurm']}/{f['path']}/labels/sam/s0", mode="r")[:]
+        b = zarr.open_array(f"{plates['local']}/{f['path']}/labels/sam/s0", mode="r")[:]
+        assert np.array_equal(a, b), f["path"]
+    # and a rerun has nothing left to do
+    dry = subprocess.run(cmd + ["--dry-run"], env=slurm, capture_output=True, text=True, timeout=300)
+    assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-2000:]
