@@ -26,7 +26,7 @@ import pandas as pd
 import zarr
 
 from .ome_zarr import (InputError, Multiscale, Plane2D, _array_kwargs, describe_store, open_field, read_multiscale,
-                       versioned, write_ngff)
+                       row_index, row_name, versioned, write_ngff)
 
 NGFF_VERSION = "0.4"
 # Default regexes of the placeholders. {channel} is lazy: directly followed by {*} it takes one character,
@@ -100,23 +100,6 @@ def compile_pattern(pattern: str) -> re.Pattern:
         return re.compile("".join(parts), re.IGNORECASE)
     except re.error as e:
         raise InputError(f"ingest.pattern '{pattern}': invalid regex ({e}).") from e
-
-
-def row_index(row: str) -> int:
-    """0-based plate row of a row name: A -> 0, Z -> 25, AA -> 26 (1536-well plates)."""
-    n = 0
-    for ch in row.upper():
-        n = n * 26 + ord(ch) - 64
-    return n - 1
-
-
-def row_name(index: int) -> str:
-    name = ""
-    index += 1
-    while index:
-        index, r = divmod(index - 1, 26)
-        name = chr(65 + r) + name
-    return name
 
 
 def well_name(row: str, column: int | str) -> str:

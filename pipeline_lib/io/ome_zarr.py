@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -154,6 +155,27 @@ def read_multiscale(group: zarr.Group, path: str = "") -> Multiscale:
 
 
 # ----------------------------------------------------------------------------------------------- plates
+
+
+def row_name(index: int) -> str:
+    """Row label of a 0-based row index: A..Z, then AA, AB, .. (1536-well plates use A..AF)."""
+    name = ""
+    index += 1
+    while index:
+        index, rem = divmod(index - 1, 26)
+        name = chr(ord("A") + rem) + name
+    return name
+
+
+def row_index(name: str) -> int | None:
+    """0-based index of a letter row label (inverse of ``row_name``); None when it is not letters."""
+    name = str(name).strip().upper()
+    if not re.fullmatch(r"[A-Z]+", name):
+        return None
+    index = 0
+    for ch in name:
+        index = index * 26 + (ord(ch) - ord("A") + 1)
+    return index - 1
 
 
 @dataclass(frozen=True)

@@ -17,33 +17,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from ..io.ome_zarr import row_index, row_name
+
 #: Standard plate formats (rows, columns): 6, 12, 24, 48, 96, 384 and 1536 wells.
 PLATE_FORMATS: tuple[tuple[int, int], ...] = ((2, 3), (3, 4), (4, 6), (6, 8), (8, 12), (16, 24), (32, 48))
 #: Colour of the failed-well cross and the outlier-well frame.
 MARK_COLOR = "#ff1f1f"
 #: Values in [0, 1] by definition: their colour scale is fixed so plates can be compared.
 UNIT_RANGE_COLUMNS = ("msa", "sa50", "error_rate")
-
-
-def row_name(index: int) -> str:
-    """Row label of a 0-based row index: A..Z, then AA, AB, .. (1536-well plates use A..AF)."""
-    name = ""
-    index += 1
-    while index:
-        index, rem = divmod(index - 1, 26)
-        name = chr(ord("A") + rem) + name
-    return name
-
-
-def row_index(name: str) -> int | None:
-    """0-based index of a letter row label (inverse of ``row_name``); None when it is not letters."""
-    name = str(name).strip().upper()
-    if not re.fullmatch(r"[A-Z]+", name):
-        return None
-    index = 0
-    for ch in name:
-        index = index * 26 + (ord(ch) - ord("A") + 1)
-    return index - 1
 
 
 def _col_key(name: object) -> str:
