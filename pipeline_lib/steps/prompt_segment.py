@@ -66,23 +66,21 @@ def segment_field_prompts(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str
 
 
 def run_prompt_segment_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, model_info: dict[str, Any],
-                             out_json: str, out_table: str) -> dict[str, Any]:
+                             out_json: str) -> dict[str, Any]:
     """Segment every field of ``batch``; a field that fails is reported by name, the others finish."""
     fields = [plan["fields"][i] for i in plan["batches"][batch]]
     model = load_resolved(model_info, cfg["model"]["device"],
                           require_decoder=cfg["method"] == "apg" and not cfg["predictions"])
     decoder = PromptDecoder(model.sam)
-    status, tables = {}, []
+    status = {}
     for f in tqdm(fields, desc=f"{cfg['method']} {batch} ({model.device})", unit="field", file=sys.stderr):
         if "error" in f:
             status[f["key"]] = {"status": "failed", "n_objects": 0, "error": f["error"]}
             continue
         try:
-            info, table = segment_field_prompts(cfg, plan, f, model, decoder)
-            status[f["key"]] = info
-            tables.append(table)
+            status[f["key"]], _ = segment_field_prompts(cfg, plan, f, model, decoder)
         except (InputError, OSError, ValueError, KeyError) as e:
             traceback.print_exc()
             status[f["key"]] = {"status": "failed", "n_objects": 0, "error": f"{type(e).__name__}: {e}"}
-    return write_batch_outputs(batch, status, tables, out_json, out_table, device=str(model.device),
+    return write_batch_outputs(batch, status, out_json, device=str(model.device),
                                method=cfg["method"])

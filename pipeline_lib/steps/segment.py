@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ..config import ais_params
 from ..instances.ais import ais_blockwise
 from ..io.ome_zarr import (InputError, Plane2DView, create_label_image, open_field, read_json,
-                           spatial_label_axes, write_atomic, write_json_atomic)
+                           spatial_label_axes, write_json_atomic)
 from ..io.pyramid import build_pyramid
 
 TABLE_COLUMNS = ["plate", "well", "row", "column", "field", "label", "area", "centroid_y", "centroid_x"]
@@ -97,31 +97,27 @@ def segment_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]) 
 
 
 def run_segment_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, predict_marker: str | None,
-                      out_json: str, out_table: str) -> dict[str, Any]:
+                      out_json: str) -> dict[str, Any]:
     """Segment every field of ``batch``; failures are recorded per field and do not stop the others."""
     fields = [plan["fields"][i] for i in plan["batches"][batch]]
     upstream = read_json(predict_marker)["fields"] if predict_marker else {}
-    status, tables = {}, []
+    status = {}
     for f in tqdm(fields, desc=f"segment {batch}", unit="field", file=sys.stderr):
         prior = upstream.get(f["key"], {})
         if "error" in f or prior.get("status") == "failed":
             status[f["key"]] = {"status": "failed", "n_objects": 0, "error": f.get("error") or prior.get("error")}
             continue
         try:
-            info, table = segment_field(cfg, plan, f)
-            status[f["key"]] = info
-            tables.append(table)
+            status[f["key"]], _ = segment_field(cfg, plan, f)
         except (InputError, OSError, ValueError, KeyError) as e:
             traceback.print_exc()
             status[f["key"]] = {"status": "failed", "n_objects": 0, "error": f"{type(e).__name__}: {e}"}
-    return write_batch_outputs(batch, status, tables, out_json, out_table)
+    return write_batch_outputs(batch, status, out_json)
 
 
-def write_batch_outputs(batch: str, status: dict, tables: list[pd.DataFrame], out_json: str, out_table: str,
-                        **extra: Any) -> dict[str, Any]:
-    """The per-batch table (parquet) and status (JSON), each written atomically, the table first."""
-    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=TABLE_COLUMNS)
-    write_atomic(out_table, lambda p: table.to_parquet(p, index=False))
+def write_batch_outputs(batch: str, status: dict, out_json: str, **extra: Any) -> dict[str, Any]:
+    """The per-batch status (JSON, atomically): the marker the measure step and reruns go by. The object
+    tables come from the measure step, which reads the written labels."""
     result = {"batch": batch, **extra, "fields": status}
     write_json_atomic(out_json, result)
     return result

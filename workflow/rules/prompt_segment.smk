@@ -6,7 +6,6 @@ rule prompt_segment:
         model=f"{OUT}/model.json",
     output:
         json=f"{OUT}/jobs/segment/{{batch}}.json",
-        table=f"{OUT}/jobs/segment/{{batch}}.parquet",
     params:
         method=CFG["method"], apg=CFG["apg"], amg=CFG["amg"], encoder=CFG["encoder"], tiling=CFG["tiling"],
         labels=CFG["labels"], channel=CFG["channel"],
@@ -16,4 +15,4 @@ rule prompt_segment:
     run:
         from pipeline_lib.steps.prompt_segment import run_prompt_segment_batch
         run_prompt_segment_batch(CFG, read_json_file(input.plan), wildcards.batch, read_json_file(input.model),
-                                 output.json, output.table)
+                                 output.json)

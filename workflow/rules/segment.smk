@@ -11,11 +11,10 @@ rule segment:
         unpack(segment_inputs),
     output:
         json=f"{OUT}/jobs/segment/{{batch}}.json",
-        table=f"{OUT}/jobs/segment/{{batch}}.parquet",
     params:
         ais=CFG["ais"], labels=CFG["labels"], tiling=CFG["tiling"], method=CFG["method"],
     threads: 1
     run:
         from pipeline_lib.steps.segment import run_segment_batch
         run_segment_batch(CFG, read_json_file(input.plan), wildcards.batch, input.get("predicted"),
-                          output.json, output.table)
+                          output.json)
