@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from .ome_zarr import (InputError, Multiscale, Plane2D, _array_kwargs, describe_store, open_field, read_multiscale,
-                       row_index, row_name, versioned, write_ngff)
+from .ome_zarr import (UNIT_UM, InputError, Plane2D, _array_kwargs, describe_store, open_field, pixel_size_um,
+                       read_multiscale, row_index, row_name, versioned, write_ngff)
 
 NGFF_VERSION = "0.4"
 # Default regexes of the placeholders. {channel} is lazy: directly followed by {*} it takes one character,
@@ -42,9 +42,6 @@ PLACEHOLDERS = {
     "*": r".*?",
 }
 _COLORS = ["0000FF", "00FF00", "FF0000", "FF00FF", "00FFFF", "FFFF00"]
-_UNIT_UM = {"micrometer": 1.0, "micron": 1.0, "microns": 1.0, "um": 1.0, "µm": 1.0, "\u03bcm": 1.0,
-            "\\u00b5m": 1.0, "nanometer": 1e-3, "nm": 1e-3, "millimeter": 1e3, "mm": 1e3, "centimeter": 1e4,
-            "cm": 1e4}
 MAX_PIXEL_SIZE_UM = 100.0  # larger values are DPI tags of plain TIFFs, not a calibration
 
 
@@ -313,7 +310,7 @@ def _tiff_pixel_size(path: str | os.PathLike) -> float | None:
     with tifffile.TiffFile(str(path)) as tif:
         if tif.is_metaseries:
             info = (tif.metaseries_metadata or {}).get("PlaneInfo", {})
-            scale = _UNIT_UM.get(str(info.get("spatial-calibration-units", "")).lower())
+            scale = UNIT_UM.get(str(info.get("spatial-calibration-units", "")).lower())
             size = info.get("spatial-calibration-x")
             return float(size) * scale if scale and isinstance(size, (int, float)) and size > 0 else None
         tags = tif.pages.first.tags
@@ -321,7 +318,7 @@ def _tiff_pixel_size(path: str | os.PathLike) -> float | None:
         if xres is None:
             return None
         if tif.is_imagej:
-            scale = _UNIT_UM.get(str((tif.imagej_metadata or {}).get("unit", "")).lower())
+            scale = UNIT_UM.get(str((tif.imagej_metadata or {}).get("unit", "")).lower())
         else:
             scale = {2: 25400.0, 3: 1e4, 4: 1e3, 5: 1.0}.get(int(unit.value) if unit is not None else 2)
         num, den = xres.value
@@ -567,14 +564,6 @@ def format_pattern(pattern: str, values: dict[str, Any]) -> str:
     return "".join(out)
 
 
-def image_pixel_size(image: Multiscale) -> float | None:
-    """Pixel size in um of level 0 (x axis) when the axis has a known length unit."""
-    names = image.axis_names
-    unit = str(image.axes[names.index("x")].get("unit", "")).lower()
-    scale = _UNIT_UM.get(unit)
-    return image.scale(0)[names.index("x")] * scale if scale else None
-
-
 def export_tiffs(plate_path: str | os.PathLike, out_dir: str | os.PathLike,
                  pattern: str = "{well}_s{field}_w{channel}.tif", wells: list[str] | None = None) -> list[Path]:
     """Write every field (of ``wells``, e.g. ["A/2"], or all) of an OME-Zarr plate as TIFF files named by
@@ -590,7 +579,7 @@ def export_tiffs(plate_path: str | os.PathLike, out_dir: str | os.PathLike,
         image = open_field(plate_path, ref)
         n = image.shape[image.axis_names.index("c")] if "c" in image.axis_names else 1
         planes = [np.asarray(Plane2D(image, c if "c" in image.axis_names else None)[:, :]) for c in range(n)]
-        px = image_pixel_size(image)
+        px = pixel_size_um(image)
         site = int(ref.field) + 1 if ref.field.isdigit() else ref.field
         values = {"well": well_name(ref.row, ref.column), "row": ref.row,
                   "column": f"{int(ref.column):02d}" if ref.column.isdigit() else ref.column,

@@ -136,6 +136,19 @@ class Multiscale:
         return [a for a in self.axis_names if a in ("z", "y", "x")]
 
 
+#: Length units (NGFF axes, TIFF tags) in micrometres.
+UNIT_UM = {"micrometer": 1.0, "micron": 1.0, "microns": 1.0, "um": 1.0, "µm": 1.0, "\u03bcm": 1.0,
+            "\\u00b5m": 1.0, "nanometer": 1e-3, "nm": 1e-3, "millimeter": 1e3, "mm": 1e3, "centimeter": 1e4,
+            "cm": 1e4}
+
+
+def pixel_size_um(image: Multiscale) -> float | None:
+    """The x pixel size at level 0 in micrometres, when the x axis carries a length unit."""
+    i = image.axis_names.index("x")
+    factor = UNIT_UM.get(str(image.axes[i].get("unit", "")).lower())
+    return image.scale(0)[i] * factor if factor else None
+
+
 def read_multiscale(group: zarr.Group, path: str = "") -> Multiscale:
     meta, version = ngff(group)
     if "multiscales" not in meta:

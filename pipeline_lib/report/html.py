@@ -19,6 +19,7 @@ import yaml
 from PIL import Image
 
 from ..io.ome_zarr import write_atomic
+from ..measure.regionprops import channel_columns
 from .heatmap import plate_format, write_heatmaps
 from .thumbnails import field_thumbnail, pick_fields
 
@@ -134,15 +135,18 @@ def _has_values(df: pd.DataFrame | None, column: str) -> bool:
 
 
 def intensity_column_of(wells: pd.DataFrame, intensity: str | int | None) -> str | None:
-    """The wells column for the intensity heatmap: a column name, a channel name/index, else the first one."""
+    """The wells column for the intensity heatmap: a column name, or a channel by index or OMERO label (as
+    the measure step names its columns). None when a given channel has no column; the first when none given."""
     candidates = [c for c in wells.columns if str(c).startswith("mean_intensity_")]
-    if intensity is not None:
-        for name in (str(intensity), f"mean_intensity_{intensity}"):
-            if name in wells.columns:
-                return name
-        if isinstance(intensity, int) and 0 <= intensity < len(candidates):
-            return candidates[intensity]
-    return candidates[0] if candidates else None
+    if intensity is None:
+        return candidates[0] if candidates else None
+    if isinstance(intensity, int) or str(intensity).isdigit():
+        i = int(intensity)
+        return candidates[i] if -len(candidates) <= i < len(candidates) else None
+    for name in (str(intensity), f"mean_intensity_{intensity}", f"mean_intensity_{channel_columns([intensity])[0]}"):
+        if name in candidates:
+            return name
+    return None
 
 
 def heatmap_columns(wells: pd.DataFrame, intensity_column: str | None) -> dict[str, tuple[str, str]]:

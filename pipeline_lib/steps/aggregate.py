@@ -47,8 +47,9 @@ def aggregate(cfg: dict[str, Any], plan: dict[str, Any], model_info: dict[str, A
         status.update(read_json(p)["fields"])
     n_objects = concat_parquet(batch_tables, os.path.join(out_dir, "objects.parquet"))
     fields = fields_table(plan["fields"], status)
-    wells = wells_table(fields, object_areas(batch_tables), cfg["report"]["outlier_mad"])
-    plate = plate_table(fields, wells, object_areas(batch_tables))
+    areas = object_areas(batch_tables)
+    wells = wells_table(fields, areas, cfg["report"]["outlier_mad"])
+    plate = plate_table(fields, wells, areas)
     csv = (lambda df, name: write_atomic(os.path.join(out_dir, name), lambda p: df.to_csv(p, index=False)))
     csv(public(fields), "fields.csv")
     csv(wells, "wells.csv")
@@ -81,27 +82,26 @@ def check_complete(cfg: dict[str, Any], plan: dict[str, Any], out_dir: str, out_
     """The last step of a plate run: fine when every field is ok or empty. Otherwise (with
     ``batching.rerun_failed``) retire the failed batches and fail the run, naming the fields."""
     summary = read_json(os.path.join(out_dir, "summary.json"))
-    status = {f["path"]: f for f in summary["fields"]}
     bad = [f for f in summary["fields"] if f["status"] not in ("ok", "empty")]
     if bad and cfg["batching"]["rerun_failed"]:
-        by_key = {f["key"]: status[f["path"]] for f in plan["fields"]}
-        retired = retire_failed_batches(out_dir, plan, by_key)
+        retired = retire_failed_batches(out_dir, plan, {f["path"] for f in bad})
         lines = [f"  {f['path'] or 'image'}: {f['status']}: {f.get('error', 'no result')}" for f in bad[:20]]
         raise FailedFieldsError(
-            f"{len(bad)} of {len(status)} fields failed (summary.json, fields.csv and report.html list them):\n"
+            f"{len(bad)} of {len(summary['fields'])} fields failed (summary.json, fields.csv and report.html list them):\n"
             + "\n".join(lines) + ("\n  ..." if len(bad) > 20 else "")
             + f"\nRun the same command again to redo just their batches ({', '.join(retired)}); fix the inputs "
             "first if the error is in the data, or set batching.rerun_failed: false to accept the failures.")
-    result = {"n_fields": len(status), "failed": [f["path"] for f in bad]}
+    result = {"n_fields": len(summary["fields"]), "failed": [f["path"] for f in bad]}
     write_json_atomic(out_json, result)
     return result
 
-def retire_failed_batches(out_dir: str, plan: dict[str, Any], status: dict[str, Any]) -> list[str]:
-    """Rename the job markers of batches with failed or missing fields to ``*.failed``: the next run sees
-    them missing and recomputes just those batches (the outputs of this run stay readable meanwhile)."""
+
+def retire_failed_batches(out_dir: str, plan: dict[str, Any], failed_paths: set[str]) -> list[str]:
+    """Rename the job markers of batches holding a failed or missing field to ``*.failed``: the next run
+    sees them missing and recomputes just those batches (the outputs of this run stay readable meanwhile)."""
     retired = []
     for batch, idx in sorted(plan["batches"].items()):
-        if all(status.get(plan["fields"][i]["key"], {}).get("status") in ("ok", "empty") for i in idx):
+        if not any(plan["fields"][i]["path"] in failed_paths for i in idx):
             continue
         for kind in ("predict", "segment", "measure"):
             marker = os.path.join(out_dir, "jobs", kind, f"{batch}.json")

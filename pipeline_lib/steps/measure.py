@@ -12,22 +12,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ..io.ome_zarr import (InputError, Multiscale, Plane2D, Plane2DView, open_field, open_group, read_json,
-                           read_multiscale, write_atomic, write_json_atomic)
+from ..io.ome_zarr import (InputError, Multiscale, Plane2D, Plane2DView, open_field, open_group, pixel_size_um,
+                           read_json, read_multiscale, write_atomic, write_json_atomic)
 from ..io.tables import write_feature_table
 from ..measure.metrics import count_overlaps, merge_overlaps, scores_from_overlaps
 from ..measure.regionprops import channel_columns, measure_labels
 
 KEY_COLUMNS = ["plate", "well", "row", "column", "field"]
 MEASURE_BLOCK = 2048  # pixels per side read at a time: bounds memory for fields of any size
-_UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "µm": 1.0, "um": 1.0}
-
-
-def pixel_size_um(img: Multiscale) -> float | None:
-    """The x pixel size at level 0 in micrometres, when the axes carry a length unit."""
-    axis = img.axes[img.axis_names.index("x")]
-    factor = _UM.get(str(axis.get("unit", "")).lower())
-    return img.scale(0)[img.axis_names.index("x")] * factor if factor else None
 
 
 def channel_planes(img: Multiscale) -> tuple[list[Plane2D], list[str]]:
