@@ -143,7 +143,7 @@ def run_method(method: str, fpj: int | None, plate: Path, model: dict, work: Pat
 
 
 def schema_default_fpj() -> int:
-    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    schema = yaml.safe_load((REPO / "pipeline_lib" / "config.schema.yaml").read_text())
     return schema["properties"]["batching"]["properties"]["fields_per_job"]["default"]
 
 
