@@ -25,8 +25,9 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from .ome_zarr import (UNIT_UM, InputError, Plane2D, _array_kwargs, describe_store, open_field, pixel_size_um,
-                       read_multiscale, row_index, row_name, versioned, write_ngff)
+from . import ngff
+from .ome_zarr import (UNIT_UM, InputError, Plane2D, describe_store, open_field, pixel_size_um, read_multiscale,
+                       row_index, row_name)
 
 NGFF_VERSION = "0.4"
 # Default regexes of the placeholders. {channel} is lazy: directly followed by {*} it takes one character,
@@ -445,16 +446,19 @@ def create_plate(path: str | os.PathLike, spec: PlateSpec, chunk: int = 1024, le
         shutil.rmtree(path)
     root = zarr.open_group(str(path), mode="w", zarr_format=2)
     root.attrs["ingest"] = {**entry, "complete": False}
-    write_ngff(root, {"plate": _plate_meta(spec)}, NGFF_VERSION)
+    ngff.write_plate(root, _plate_meta(spec), NGFF_VERSION)
     shapes = level_shapes(spec.shape, levels)
+    windows = channel_windows(spec)
+    first = True  # every field has the same metadata: the first is read back and validated
     wells: dict[str, list[str]] = {}
     for f in spec.fields:
         wells.setdefault(f"{f['row']}/{f['column']}", []).append(f["field"])
     for wpath, fields in wells.items():
         well = root.require_group(wpath)
-        write_ngff(well, {"well": versioned({"images": [{"path": i} for i in fields]}, NGFF_VERSION)}, NGFF_VERSION)
+        ngff.write_well(well, fields, NGFF_VERSION)
         for i in fields:
-            _create_image(well.require_group(i), spec, shapes, chunk)
+            _create_image(well.require_group(i), spec, shapes, chunk, windows, check=first)
+            first = False
     root.attrs["ingest"] = {**entry, "complete": True}
     return "created"
 
@@ -465,32 +469,43 @@ def _plate_meta(spec: PlateSpec) -> dict[str, Any]:
     first_col = min(cols[0], 1)
     wells = {(f["row"], int(f["column"])) for f in spec.fields}
     per_well = pd.Series([f"{f['row']}/{f['column']}" for f in spec.fields]).value_counts()
-    return versioned({
+    return {
         "name": spec.name,
         "rows": [{"name": row_name(i)} for i in range(row_index(rows[-1]) + 1)],
         "columns": [{"name": str(c)} for c in range(first_col, cols[-1] + 1)],
         "wells": [{"path": f"{r}/{c}", "rowIndex": row_index(r), "columnIndex": c - first_col}
                   for r, c in sorted(wells, key=lambda w: (row_index(w[0]), w[1]))],
         "field_count": int(per_well.max()),
-    }, NGFF_VERSION)
+    }
 
 
-def _create_image(group: zarr.Group, spec: PlateSpec, shapes: list[tuple[int, ...]], chunk: int) -> None:
+def channel_windows(spec: PlateSpec) -> list[dict[str, float]]:
+    """OMERO display windows: the dtype's range, with start/end at the 0.1 and 99.9 percentiles of the first
+    field per channel (the plate is created before any field is converted; the first is read once here)."""
+    full = ngff.dtype_window(spec.dtype)
+    try:
+        data = read_field(spec.fields[0]["files"], spec.shape, np.dtype(spec.dtype))
+    except (InputError, OSError, ValueError):
+        return [full] * spec.shape[0]  # the field's own job reports the bad file
+    lo, hi = np.percentile(data.reshape(data.shape[0], -1), [0.1, 99.9], axis=1)
+    return [{**full, "start": float(a), "end": float(b) if b > a else float(a) + 1} for a, b in zip(lo, hi)]
+
+
+def _create_image(group: zarr.Group, spec: PlateSpec, shapes: list[tuple[int, ...]], chunk: int,
+                  windows: list[dict[str, float]], check: bool = True) -> None:
+    """Empty levels and metadata of one field. Level k is the 2^k block mean of level 0, so it is centred
+    (2^k - 1) / 2 level-0 pixels from level 0: that is its translation."""
     px = spec.pixel_size
-    unit = {"unit": "micrometer"} if px else {}
-    axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", **unit},
-            {"name": "x", "type": "space", **unit}]
-    datasets = []
-    for k, shape in enumerate(shapes):
-        group.create_array(str(k), shape=shape, chunks=(1, min(chunk, shape[1]), min(chunk, shape[2])),
-                           dtype=spec.dtype, fill_value=0, overwrite=True, **_array_kwargs(2))
-        s = (px or 1.0) * 2 ** k
-        datasets.append({"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [1.0, s, s]}]})
+    units = {"y": "micrometer", "x": "micrometer"} if px else {}
+    paths = [str(k) for k in range(len(shapes))]
+    ngff.create_levels(group, paths, shapes, [(1, chunk, chunk)] * len(shapes), spec.dtype, "cyx", overwrite=True)
+    s0 = px or 1.0
+    scales = [[1.0, s0 * 2 ** k, s0 * 2 ** k] for k in range(len(shapes))]
+    shifts = [ngff.block_mean_translation([1.0, s0, s0], [1, 2 ** k, 2 ** k]) for k in range(len(shapes))]
     colors = ["FFFFFF"] if len(spec.channels) == 1 else _COLORS
-    omero = {"channels": [{"label": name, "color": colors[i % len(colors)], "active": True}
-                          for i, name in enumerate(spec.channels)]}
-    ms = versioned({"axes": axes, "datasets": datasets, "name": "image"}, NGFF_VERSION)
-    write_ngff(group, {"multiscales": [ms], "omero": versioned(omero, NGFF_VERSION)}, NGFF_VERSION)
+    omero = ngff.omero_meta(spec.channels, [colors[i % len(colors)] for i in range(len(spec.channels))], windows)
+    ngff.write_image(group, NGFF_VERSION, ngff.axes_meta("cyx", units), ngff.datasets_meta(paths, scales, shifts),
+                     "image", omero=omero, downsampling=ngff.BLOCK_MEAN, check=check)
 
 
 # ----------------------------------------------------------------------------------------------- filling

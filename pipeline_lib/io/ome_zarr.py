@@ -1,4 +1,4 @@
-"""Read OME-Zarr plates and images (NGFF 0.4 on zarr v2, 0.5 on zarr v3); write NGFF label images.
+"""Read OME-Zarr plates and images (NGFF 0.4 on zarr v2, 0.5 on zarr v3); writing lives in io/ngff.py.
 
 Metadata is written once by the planning step; worker jobs only write array chunks (concurrent edits of
 the same JSON are what corrupts stores). Arrays are always read lazily through zarr slicing.
@@ -16,6 +16,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import zarr
+
+# NGFF metadata is written in one place, io/ngff.py; these names stay importable from here.
+from .ngff import (create_label_image, create_predictions_image, mirror_plate, versioned,  # noqa: F401
+                   write_ngff)
 
 
 class InputError(ValueError):
@@ -44,22 +48,6 @@ def ngff(group: zarr.Group) -> tuple[dict, str]:
             version = str(entry.get("version", version))
             break
     return attrs, version
-
-
-def write_ngff(group: zarr.Group, meta: dict, version: str) -> None:
-    """Store NGFF attributes in the layout of ``version``, merging with what the group has."""
-    if version.startswith("0.5"):
-        ome = dict(group.attrs.asdict().get("ome", {}))
-        ome.update(meta)
-        ome["version"] = version
-        group.attrs["ome"] = ome
-    else:
-        group.attrs.update(meta)
-
-
-def versioned(entry: dict, version: str) -> dict:
-    """``entry`` with its own ``version`` key, which NGFF 0.4 wants per entry and 0.5 keeps only under ``ome``."""
-    return entry if version.startswith("0.5") else {**entry, "version": version}
 
 
 def zarr_format(group: zarr.Group) -> int:
@@ -346,84 +334,6 @@ def spatial_label_axes(image: Multiscale) -> tuple[list[dict], list[int]]:
 
 def level_shapes(image: Multiscale, axis_idx: Sequence[int]) -> list[tuple[int, ...]]:
     return [tuple(image.level(k).shape[i] for i in axis_idx) for k in range(image.n_levels)]
-
-
-def create_label_image(image_group: zarr.Group, image: Multiscale, name: str, chunks: Sequence[int],
-                       dtype: str = "uint32", overwrite: bool = False, source: str = "../../") -> zarr.Group:
-    """Create ``labels/<name>`` (all levels, empty) with NGFF ``image-label`` metadata.
-
-    Levels mirror the image's levels and scale transforms (minus the channel axis). Called once per field
-    by the planning step; jobs then only write chunks.
-    """
-    axes, idx = spatial_label_axes(image)
-    version = image.version
-    fmt = zarr_format(image_group)
-    labels = image_group.require_group("labels")
-    lmeta, _ = ngff(labels)
-    names = list(lmeta.get("labels", []))
-    if name not in names:
-        names.append(name)
-        write_ngff(labels, {"labels": names}, version)
-    if name in labels and not overwrite:
-        group = labels[name]
-    else:
-        group = labels.create_group(name, overwrite=True)
-    datasets = []
-    for k, shape in enumerate(level_shapes(image, idx)):
-        ch = tuple(min(c, s) for c, s in zip(_pad_chunks(chunks, len(shape)), shape))
-        path = image.datasets[k]["path"]
-        if path not in group:
-            group.create_array(path, shape=shape, chunks=ch, dtype=dtype, fill_value=0,
-                               dimension_names=[a["name"] for a in axes] if fmt == 3 else None,
-                               **_array_kwargs(fmt))
-        transforms = []
-        for t in image.datasets[k].get("coordinateTransformations", []):
-            key = t["type"]
-            if key in ("scale", "translation"):
-                transforms.append({"type": key, key: [t[key][i] for i in idx]})
-        datasets.append({"path": path, "coordinateTransformations": transforms or
-                         [{"type": "scale", "scale": [1.0] * len(idx)}]})
-    ms = versioned({"axes": axes, "datasets": datasets, "name": name}, version)
-    write_ngff(group, {"multiscales": [ms], "image-label": versioned({"source": {"image": source}}, version)},
-               version)
-    return group
-
-
-def _pad_chunks(chunks: Sequence[int], ndim: int) -> tuple[int, ...]:
-    chunks = tuple(chunks)
-    if len(chunks) >= ndim:
-        return chunks[-ndim:]
-    return (1,) * (ndim - len(chunks)) + chunks
-
-
-def create_predictions_image(group: zarr.Group, shape_yx: Sequence[int], chunks_yx: Sequence[int],
-                             version: str) -> zarr.Array:
-    """A 3-channel float16 NGFF image (c, y, x) for the decoder maps, metadata included."""
-    fmt = zarr_format(group)
-    arr = group.create_array("0", shape=(3, *shape_yx), chunks=(3, *(min(c, s) for c, s in zip(chunks_yx, shape_yx))),
-                             dtype="float16", fill_value=0, overwrite=True,
-                             dimension_names=["c", "y", "x"] if fmt == 3 else None, **_array_kwargs(fmt))
-    ms = {"axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"},
-                   {"name": "x", "type": "space"}],
-          "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]}],
-          "name": "sam_decoder_maps"}
-    ms = versioned(ms, version)
-    omero = {"channels": [{"label": n, "color": c, "active": True, "window": {"start": 0, "end": 1, "min": 0, "max": 1}}
-                          for n, c in (("foreground", "00FF00"), ("center_distance", "FF00FF"),
-                                       ("boundary_distance", "00FFFF"))]}
-    omero = versioned(omero, version)
-    write_ngff(group, {"multiscales": [ms], "omero": omero}, version)
-    return arr
-
-
-def mirror_plate(src: StoreLayout, dst_root: str | os.PathLike) -> zarr.Group:
-    """Create an empty store with the plate/well hierarchy and metadata of ``src`` (same NGFF version)."""
-    root = zarr.open_group(str(dst_root), mode="a", zarr_format=src.zarr_format)
-    if src.kind == "plate":
-        write_ngff(root, {"plate": src.plate_meta}, src.version)
-        for wpath, wmeta in src.well_meta.items():
-            write_ngff(root.require_group(wpath), {"well": wmeta}, src.version)
-    return root
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -8,7 +8,7 @@ import numpy as np
 import zarr
 from scipy import ndimage
 
-from .ome_zarr import _array_kwargs, versioned, write_ngff
+from . import ngff
 
 
 def blob_field(shape: Sequence[int], n: int, radius: tuple[float, float] = (6, 14), seed: int = 0
@@ -41,26 +41,23 @@ def blob_field(shape: Sequence[int], n: int, radius: tuple[float, float] = (6, 1
 
 def _write_multiscale(group: zarr.Group, data: np.ndarray, axes: list[str], n_levels: int, version: str,
                       name: str, labels: bool = False) -> None:
-    fmt = int(group.metadata.zarr_format)
-    datasets = []
-    for lvl in range(n_levels):
-        f = 2 ** lvl
-        arr = data[..., ::f, ::f]
-        chunks = tuple(1 if a in "ct" else min(256, s) for a, s in zip(axes, arr.shape))
-        group.create_array(f"s{lvl}", data=arr, chunks=chunks, overwrite=True, **_array_kwargs(fmt))
-        scale = [1.0 if a in "ct" else float(f) for a in axes]
-        datasets.append({"path": f"s{lvl}", "coordinateTransformations": [{"type": "scale", "scale": scale}]})
-    types = {"c": "channel", "t": "time", "z": "space", "y": "space", "x": "space"}
-    ms = versioned({"axes": [{"name": a, "type": types[a]} for a in axes], "datasets": datasets, "name": name},
-                   version)
-    meta = {"multiscales": [ms]}
+    """Levels ``s0..`` as strided picks (every 2^k-th pixel: level 0's translation holds at every level)."""
+    levels = [data[..., ::2 ** k, ::2 ** k] for k in range(n_levels)]
+    paths = [f"s{k}" for k in range(n_levels)]
+    chunks = [tuple(1 if a in "ct" else 256 for a in axes)] * n_levels
+    ngff.create_levels(group, paths, [a.shape for a in levels], chunks, data.dtype, axes, overwrite=True,
+                       data=levels)
+    scales = [[1.0 if a in "ct" else float(2 ** k) for a in axes] for k in range(n_levels)]
+    datasets = ngff.datasets_meta(paths, scales)
     if labels:
-        meta["image-label"] = versioned({}, version)
+        ngff.write_label(group, version, ngff.axes_meta(axes), datasets, name,
+                         colors=ngff.label_colors(np.unique(data)))
     else:
-        meta["omero"] = {"channels": [{"label": f"ch{i}" if i else "DAPI", "color": "FFFFFF", "active": True,
-                                       "window": {"start": 0, "end": 4000, "min": 0, "max": 65535}}
-                                      for i in range(data.shape[0])]}
-    write_ngff(group, meta, version)
+        n = data.shape[0]
+        omero = ngff.omero_meta([f"ch{i}" if i else "DAPI" for i in range(n)], ["FFFFFF"] * n,
+                                [{"start": 0, "end": 4000, "min": 0, "max": 65535}] * n)
+        ngff.write_image(group, version, ngff.axes_meta(axes), datasets, name, omero=omero,
+                         downsampling=ngff.NEAREST)
 
 
 def write_synthetic_plate(path: str | os.PathLike, rows: str = "AB", columns: Sequence[int] = (1, 2),
@@ -68,16 +65,14 @@ def write_synthetic_plate(path: str | os.PathLike, rows: str = "AB", columns: Se
                           channels: int = 1, version: str = "0.4", n_levels: int = 2, seed: int = 0,
                           ground_truth: bool = True) -> list[str]:
     """A small HCS plate; returns the field paths. NGFF 0.4 -> zarr v2, 0.5 -> zarr v3."""
-    fmt = 3 if version.startswith("0.5") else 2
-    root = zarr.open_group(str(path), mode="w", zarr_format=fmt)
+    root = zarr.open_group(str(path), mode="w", zarr_format=ngff.zarr_format_of(version))
     wells, paths = [], []
     for r in rows:
         for c in columns:
             wpath = f"{r}/{c}"
             wells.append({"path": wpath, "rowIndex": "ABCDEFGHIJKLMNOP".index(r), "columnIndex": list(columns).index(c)})
             well = root.require_group(wpath)
-            write_ngff(well, {"well": versioned({"images": [{"path": str(i)} for i in range(fields)]}, version)},
-                       version)
+            ngff.write_well(well, [str(i) for i in range(fields)], version)
             for i in range(fields):
                 s = seed * 100003 + len(paths)
                 img, lab = blob_field(shape, nuclei, seed=s)
@@ -86,12 +81,11 @@ def write_synthetic_plate(path: str | os.PathLike, rows: str = "AB", columns: Se
                 _write_multiscale(fg, data, ["c", "y", "x"], n_levels, version, "image")
                 if ground_truth:
                     lg = fg.require_group("labels")
-                    write_ngff(lg, {"labels": ["nuclei_gt"]}, version)
+                    ngff.write_labels_list(lg, ["nuclei_gt"], version)
                     _write_multiscale(lg.require_group("nuclei_gt"), lab, ["y", "x"], n_levels, version,
                                       "nuclei_gt", labels=True)
                 paths.append(f"{wpath}/{i}")
-    plate = versioned({"name": os.path.basename(str(path)), "rows": [{"name": r} for r in rows],
-                       "columns": [{"name": str(c)} for c in columns], "wells": wells, "field_count": fields},
-                      version)
-    write_ngff(root, {"plate": plate}, version)
+    ngff.write_plate(root, {"name": os.path.basename(str(path)), "rows": [{"name": r} for r in rows],
+                            "columns": [{"name": str(c)} for c in columns], "wells": wells,
+                            "field_count": fields}, version)
     return paths

@@ -16,8 +16,8 @@ import zarr
 
 from ..embed.oracle import oracle_maps
 from ..tiling import block_grid
-from .ome_zarr import _array_kwargs, versioned, write_ngff
-from .volume import create_volume_maps
+from . import ngff
+from .ngff import create_volume_maps
 
 _M = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -61,14 +61,11 @@ def _image(labels: np.ndarray, region: Sequence[slice], seed: int) -> np.ndarray
     return np.clip(200 + bright * (1 + 0.2 * noise) + 60 * noise, 0, 65535).astype(np.uint16)
 
 
-def _multiscale_meta(axes: str, n_levels: int, voxel: Sequence[float], name: str, version: str) -> dict:
-    types = {"c": "channel", "z": "space", "y": "space", "x": "space"}
-    datasets = []
-    for lvl in range(n_levels):
-        sc = [1.0 if a == "c" else (voxel[0] if a == "z" else voxel["zyx".index(a)] * 2 ** lvl) for a in axes]
-        datasets.append({"path": f"s{lvl}", "coordinateTransformations": [{"type": "scale", "scale": sc}]})
-    ax = [{"name": a, "type": types[a], **({"unit": "micrometer"} if a != "c" else {})} for a in axes]
-    return versioned({"axes": ax, "datasets": datasets, "name": name}, version)
+def _datasets(axes: str, n_levels: int, voxel: Sequence[float]) -> list[dict]:
+    """Levels downsample yx only, as strided picks (level 0's translation holds at every level)."""
+    scales = [[1.0 if a == "c" else (voxel[0] if a == "z" else voxel["zyx".index(a)] * 2 ** lvl) for a in axes]
+              for lvl in range(n_levels)]
+    return ngff.datasets_meta([f"s{lvl}" for lvl in range(n_levels)], scales)
 
 
 def write_synthetic_volume(path: str | os.PathLike, shape: Sequence[int] = (32, 256, 256),
@@ -81,25 +78,24 @@ def write_synthetic_volume(path: str | os.PathLike, shape: Sequence[int] = (32, 
     Memory is bounded by ``block`` (plus one cell of margin for the per-object oracle normalisation).
     """
     shape = tuple(int(s) for s in shape)
-    fmt = 3 if version.startswith("0.5") else 2
+    fmt = ngff.zarr_format_of(version)
     root = zarr.open_group(str(path), mode="w", zarr_format=fmt)
     axes = "czyx" if channel_axis else "zyx"
     lead = (1,) if channel_axis else ()
-    imgs, labs = [], []
     lg = root.require_group("labels")
-    write_ngff(lg, {"labels": ["nuclei_gt"]}, version)
+    ngff.write_labels_list(lg, ["nuclei_gt"], version)
     gt = lg.require_group("nuclei_gt")
-    for lvl in range(n_levels):
-        s = (shape[0], -(-shape[1] // 2 ** lvl), -(-shape[2] // 2 ** lvl))
-        ch = (1, min(chunk, s[1]), min(chunk, s[2]))
-        imgs.append(root.create_array(f"s{lvl}", shape=lead + s, chunks=lead + ch, dtype="uint16", fill_value=0,
-                                      **_array_kwargs(fmt)))
-        labs.append(gt.create_array(f"s{lvl}", shape=s, chunks=ch, dtype="uint32", fill_value=0,
-                                    **_array_kwargs(fmt)))
-    write_ngff(root, {"multiscales": [_multiscale_meta(axes, n_levels, voxel, "synthetic_nuclei", version)]},
-               version)
-    write_ngff(gt, {"multiscales": [_multiscale_meta("zyx", n_levels, voxel, "nuclei_gt", version)],
-                    "image-label": versioned({"source": {"image": "../../"}}, version)}, version)
+    paths = [f"s{lvl}" for lvl in range(n_levels)]
+    shapes = [(shape[0], -(-shape[1] // 2 ** lvl), -(-shape[2] // 2 ** lvl)) for lvl in range(n_levels)]
+    chunks = [(1, chunk, chunk)] * n_levels
+    imgs = ngff.create_levels(root, paths, [lead + s for s in shapes], [lead + c for c in chunks], "uint16", axes,
+                              overwrite=True)
+    labs = ngff.create_levels(gt, paths, shapes, chunks, "uint32", "zyx", overwrite=True)
+    units = {a: "micrometer" for a in "zyx"}
+    omero = ngff.omero_meta(["nuclei"], ["FFFFFF"], [{"start": 0, "end": 2500, "min": 0, "max": 65535}])
+    ngff.write_label(gt, version, ngff.axes_meta("zyx", units), _datasets("zyx", n_levels, voxel), "nuclei_gt")
+    ngff.write_image(root, version, ngff.axes_meta(axes, units), _datasets(axes, n_levels, voxel), "synthetic_nuclei",
+                     omero=omero if channel_axis else None, downsampling=ngff.NEAREST)
     maps = None
     if predictions:
         maps = create_volume_maps(zarr.open_group(predictions, mode="w", zarr_format=fmt), shape, (chunk, chunk),

@@ -1,11 +1,10 @@
 """Lazy access to 3D OME-Zarr volumes (zyx, czyx, tczyx with one time point) and their label images."""
 from __future__ import annotations
 
-from typing import Sequence
-
 import zarr
 
-from .ome_zarr import ChannelView, InputError, Multiscale, _array_kwargs, versioned, write_ngff, zarr_format
+from .ngff import create_volume_maps  # noqa: F401 - written in io/ngff.py, imported from here by callers
+from .ome_zarr import ChannelView, InputError, Multiscale
 
 
 def is_volume(image: Multiscale) -> bool:
@@ -23,22 +22,6 @@ class Volume3D(ChannelView):
         if "z" not in image.axis_names:
             raise InputError(f"{image.path}: axes {image.axis_names} have no z axis; this is not a volume.")
         super().__init__(image, channel)
-
-
-def create_volume_maps(group: zarr.Group, shape_zyx: Sequence[int], chunks_yx: Sequence[int],
-                       version: str) -> zarr.Array:
-    """A float16 NGFF image (c, z, y, x) for per-slice decoder maps (foreground, center, boundary)."""
-    fmt = zarr_format(group)
-    chunks = (3, 1) + tuple(min(c, s) for c, s in zip(chunks_yx, shape_zyx[1:]))
-    arr = group.create_array("0", shape=(3, *shape_zyx), chunks=chunks, dtype="float16", fill_value=0,
-                             overwrite=True, dimension_names=list("czyx") if fmt == 3 else None,
-                             **_array_kwargs(fmt))
-    axes = [{"name": "c", "type": "channel"}] + [{"name": a, "type": "space"} for a in "zyx"]
-    ms = versioned({"axes": axes, "name": "sam_decoder_maps",
-                    "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale",
-                                                                              "scale": [1.0] * 4}]}]}, version)
-    write_ngff(group, {"multiscales": [ms]}, version)
-    return arr
 
 
 def read_volume_maps(path: str) -> zarr.Array:

@@ -84,7 +84,7 @@ def write_plan(cfg: dict[str, Any], path: str) -> dict[str, Any]:
     plan = make_plan(cfg, layout)
     if plan["predictions_root"] and not cfg.get("predictions"):
         mirror_plate(layout, plan["predictions_root"])
-    if cfg["labels"]["store"]:
-        mirror_plate(layout, plan["labels_root"])
+    if cfg["labels"]["store"]:  # a valid plate of placeholder images, the labels under them (io/ngff.py)
+        mirror_plate(layout, plan["labels_root"], placeholders=True)
     write_json_atomic(path, plan)
     return plan

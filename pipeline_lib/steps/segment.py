@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from ..config import ais_params
 from ..instances.ais import ais_blockwise
+from ..io.ngff import set_label_colors
 from ..io.ome_zarr import (InputError, Plane2DView, create_label_image, open_field, read_json,
                            spatial_label_axes, write_json_atomic)
 from ..io.pyramid import build_pyramid
@@ -52,11 +53,13 @@ def label_table(f: dict[str, Any], label: np.ndarray, area: np.ndarray, centroid
         columns=TABLE_COLUMNS)
 
 
-def finish_labels(img, group) -> None:
-    """Downsample level 0 of a written label image into its pyramid (the image's levels and scales)."""
+def finish_labels(img, group, values: Any = ()) -> None:
+    """Downsample level 0 of a written label image into its pyramid (the image's levels and scales), and
+    give its label ``values`` their NGFF display colours."""
     _, idx = spatial_label_axes(img)
     scales = [[img.scale(k)[i] for i in idx] for k in range(img.n_levels)]
     build_pyramid(group, [d["path"] for d in img.datasets], scales)
+    set_label_colors(group, values, img.version)
 
 
 def write_field_labels(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any],
@@ -64,9 +67,9 @@ def write_field_labels(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, A
     """Write an in-memory 2D label image (consecutive ids) as the field's NGFF labels; return its table."""
     img, group = _label_group(cfg, plan, f)
     Plane2DView(group[img.datasets[0]["path"]])[np.s_[:, :]] = labels
-    finish_labels(img, group)
     flat = labels.ravel().astype(np.int64)
     n = int(flat.max()) if flat.size else 0
+    finish_labels(img, group, np.arange(1, n + 1))
     area = np.bincount(flat, minlength=n + 1)
     yy, xx = np.indices(labels.shape)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -89,7 +92,7 @@ def segment_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]) 
         t0 = time.time()
         res = ais_blockwise(maps, out, ais_params(cfg), block=cfg["tiling"]["tile"], halo=cfg["tiling"]["halo"],
                             scratch=scratch)
-    finish_labels(img, group)
+    finish_labels(img, group, res["label"])
     table = label_table(f, res["label"], res["area"], res["centroid"])
     info = {"status": "ok" if res["n_objects"] else "empty", "n_objects": res["n_objects"],
             "n_rescued": res["n_rescued"], "seconds": round(time.time() - t0, 3)}

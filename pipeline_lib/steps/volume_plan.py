@@ -9,7 +9,8 @@ from typing import Any
 
 import zarr
 
-from ..io.ome_zarr import InputError, StoreLayout, create_label_image, describe_store, open_field, open_group
+from ..io.ome_zarr import (InputError, StoreLayout, create_label_image, describe_store, mirror_plate, open_field,
+                           open_group)
 from ..io.volume import Volume3D, is_volume, read_volume_maps
 from ..stitch.volume_grid import VolumeGrid
 
@@ -65,8 +66,8 @@ def make_volume_plan(cfg: dict[str, Any], layout: StoreLayout) -> dict[str, Any]
 def create_volume_stores(cfg: dict[str, Any], plan: dict[str, Any]) -> None:
     """The label image (all levels, NGFF metadata) and the scratch array of per-unit piece ids."""
     img = open_field(plan["input"], "")
-    if cfg["labels"]["store"]:
-        parent = zarr.open_group(plan["labels_root"], mode="a", zarr_format=plan["zarr_format"])
+    if cfg["labels"]["store"]:  # the store's root is a placeholder of the volume (io/ngff.py)
+        parent = mirror_plate(describe_store(plan["input"]), plan["labels_root"], placeholders=True)
         source = plan["input"]
     else:
         parent = open_group(plan["input"], mode="a")

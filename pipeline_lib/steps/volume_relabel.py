@@ -17,6 +17,7 @@ import pandas as pd
 import zarr
 from tqdm import tqdm
 
+from ..io.ngff import set_label_colors
 from ..io.ome_zarr import LeadingView, open_field, read_json, spatial_label_axes, write_atomic, write_json_atomic
 from ..io.pyramid import downsample_region
 from ..measure.objects3d import PARTIAL, block_partials, combine_partials, object_table
@@ -89,6 +90,7 @@ def aggregate_volume(cfg: dict[str, Any], plan: dict[str, Any], model_info: dict
     units = {a["name"]: a.get("unit") for a in img.axes}
     partial = combine_partials([pd.read_parquet(p, columns=PARTIAL) for p in tables])
     objects = object_table(partial, voxel)
+    set_label_colors(zarr.open_group(plan["labels"], mode="r+"), objects["label"].to_numpy(), plan["version"])
     write_atomic(objects_path, lambda p: objects.to_parquet(p, index=False))
     status = pd.Series([b["status"] for b in blocks.values()]).value_counts().to_dict()
     failed = {k: b.get("error") for k, b in blocks.items() if b["status"] == "failed"}
