@@ -22,6 +22,7 @@ channels marked inactive (napari shows that layer hidden and the labels on top),
 from __future__ import annotations
 
 import os
+import warnings
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
@@ -348,6 +349,18 @@ def _maps_image(group: zarr.Group, shape: tuple, chunks: tuple, spatial: str, ve
     return arr
 
 
+def _hex_color(value: Any) -> str:
+    text = str(value or "")
+    return text if len(text) == 6 and all(ch in "0123456789abcdefABCDEF" for ch in text) else "FFFFFF"
+
+
+def _window(value: Any, dtype: Any) -> dict:
+    keys = ("min", "max", "start", "end")
+    if isinstance(value, dict) and all(isinstance(value.get(k), (int, float)) for k in keys):
+        return {k: float(value[k]) for k in keys}
+    return dtype_window(dtype)
+
+
 def placeholder_image(group: zarr.Group, image: Multiscale, source: str, check: bool = True) -> None:
     """Make ``group`` a metadata-only copy of ``image`` (see the module docstring: the labels.store mirror)."""
     paths = [d["path"] for d in image.datasets]
@@ -358,8 +371,8 @@ def placeholder_image(group: zarr.Group, image: Multiscale, source: str, check: 
     old = {c.get("label"): c for c in (image.omero or {}).get("channels", []) if isinstance(c, dict)}
     names = image.channel_names() or [f"c{i}" for i in range(n)]
     names = (names + [f"c{i}" for i in range(len(names), n)])[:n]
-    colors = [str(old.get(nm, {}).get("color", "FFFFFF")) for nm in names]
-    windows = [old.get(nm, {}).get("window") or dtype_window(levels[0].dtype) for nm in names]
+    colors = [_hex_color(old.get(nm, {}).get("color")) for nm in names]
+    windows = [_window(old.get(nm, {}).get("window"), levels[0].dtype) for nm in names]
     rel = relative_source(group, source)
     write_image(group, image.version, [dict(a) for a in image.axes], [dict(d) for d in image.datasets],
                 image.name, omero=omero_meta(names, colors, windows, active=False),
@@ -377,9 +390,17 @@ def mirror_plate(src: StoreLayout, dst_root: str | os.PathLike, placeholders: bo
     from .ome_zarr import InputError, open_field
     root = zarr.open_group(str(dst_root), mode="a", zarr_format=src.zarr_format)
     if src.kind == "plate":
-        write_plate(root, {k: v for k, v in src.plate_meta.items() if k != "version"}, src.version)
-        for wpath, wmeta in src.well_meta.items():
-            copy_well(root.require_group(wpath), {k: v for k, v in wmeta.items() if k != "version"}, src.version)
+        try:
+            write_plate(root, {k: v for k, v in src.plate_meta.items() if k != "version"}, src.version)
+            for wpath, wmeta in src.well_meta.items():
+                copy_well(root.require_group(wpath), {k: v for k, v in wmeta.items() if k != "version"},
+                          src.version)
+        except ValueError as e:  # pydantic's ValidationError: the input's own plate metadata is not valid NGFF
+            warnings.warn(f"{src.root}: its plate/well metadata is not valid NGFF ({e}); copied as it is, so "
+                          f"{dst_root} is no more valid than the input.", stacklevel=2)
+            write_ngff(root, {"plate": src.plate_meta}, src.version)
+            for wpath, wmeta in src.well_meta.items():
+                write_ngff(root.require_group(wpath), {"well": wmeta}, src.version)
     if placeholders:
         for i, ref in enumerate(src.fields):
             try:
