@@ -36,7 +36,7 @@ import zarr
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline_lib.io.ome_zarr import _array_kwargs, versioned, write_ngff  # noqa: E402
+from pipeline_lib.io import ngff  # noqa: E402
 
 ROWS = "ABCDEFGHIJKLMNOP"
 
@@ -48,35 +48,27 @@ def write_metadata_plate(path: Path, rows: str = ROWS, columns: int = 24, fields
     Same layout and metadata as ``pipeline_lib.io.synthetic.write_synthetic_plate`` (plate -> well -> field
     image groups with multiscales and omero metadata), without pixels.
     """
-    fmt = 3 if version.startswith("0.5") else 2
-    root = zarr.open_group(str(path), mode="w", zarr_format=fmt)
-    axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
-    datasets = [{"path": f"s{lvl}", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 2.0 ** lvl, 2.0 ** lvl]}]}
-                for lvl in range(levels)]
-    image_meta = {"multiscales": [versioned({"axes": axes, "datasets": datasets, "name": "image"}, version)],
-                  "omero": {"channels": [{"label": "DAPI", "color": "FFFFFF", "active": True,
-                                          "window": {"start": 0, "end": 4000, "min": 0, "max": 65535}}]}}
+    root = zarr.open_group(str(path), mode="w", zarr_format=ngff.zarr_format_of(version))
+    paths = [f"s{lvl}" for lvl in range(levels)]
+    shapes = [(1, -(-side // 2 ** lvl), -(-side // 2 ** lvl)) for lvl in range(levels)]
+    datasets = ngff.datasets_meta(paths, [[1.0, 2.0 ** lvl, 2.0 ** lvl] for lvl in range(levels)])
+    omero = ngff.omero_meta(["DAPI"], ["FFFFFF"], [{"start": 0, "end": 4000, "min": 0, "max": 65535}])
     wells, n = [], 0
     for ri, r in enumerate(rows):
         for ci in range(columns):
-            c = str(ci + 1)
-            wpath = f"{r}/{c}"
+            wpath = f"{r}/{ci + 1}"
             wells.append({"path": wpath, "rowIndex": ri, "columnIndex": ci})
             well = root.require_group(wpath)
-            write_ngff(well, {"well": versioned({"images": [{"path": str(i)} for i in range(fields)]}, version)},
-                       version)
+            ngff.write_well(well, [str(i) for i in range(fields)], version)
             for i in range(fields):
                 fg = well.require_group(str(i))
-                for lvl in range(levels):
-                    s = -(-side // 2 ** lvl)
-                    fg.create_array(f"s{lvl}", shape=(1, s, s), chunks=(1, min(chunk, s), min(chunk, s)),
-                                    dtype="uint16", fill_value=0, overwrite=True, **_array_kwargs(fmt))
-                write_ngff(fg, image_meta, version)
+                ngff.create_levels(fg, paths, shapes, [(1, chunk, chunk)] * levels, "uint16", "cyx", overwrite=True)
+                ngff.write_image(fg, version, ngff.axes_meta("cyx"), datasets, "image", omero=omero,
+                                 downsampling=ngff.NEAREST, check=n == 0)
                 n += 1
-    plate = versioned({"name": path.name, "rows": [{"name": r} for r in rows],
-                       "columns": [{"name": str(c + 1)} for c in range(columns)], "wells": wells,
-                       "field_count": fields}, version)
-    write_ngff(root, {"plate": plate}, version)
+    ngff.write_plate(root, {"name": path.name, "rows": [{"name": r} for r in rows],
+                            "columns": [{"name": str(c + 1)} for c in range(columns)], "wells": wells,
+                            "field_count": fields}, version)
     return n
 
 
