@@ -2,8 +2,9 @@
 
 Every group the project writes (plates, wells, images, label lists, label images) gets its attributes
 from here, built through ome-zarr-models' pydantic models, and every written image or label group is read
-back through the same library's group models (arrays included). So validity is ome-zarr-models' check,
-not ours: an invalid store fails where it is written, naming the group. Arrays are created here too
+back through the same library's group models, arrays included (where a plate's fields all get the same
+metadata, the first field). So validity is ome-zarr-models' check, not ours: an invalid store fails
+where it is written, naming the group. Arrays are created here too
 (:func:`create_levels`), so that zarr v3 arrays always carry the ``dimension_names`` NGFF 0.5 requires.
 
 Pyramid placement: NGFF places pixel ``i`` of a level at ``scale * i + translation`` (pixel centres).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
@@ -77,8 +79,7 @@ def _models(version: str) -> Any:
         from ome_zarr_models.v05 import hcs, image, image_label, labels, well
     else:
         from ome_zarr_models.v04 import hcs, image, image_label, labels, well
-    return type("Models", (), {"hcs": hcs, "image": image, "image_label": image_label, "labels": labels,
-                               "well": well})
+    return SimpleNamespace(hcs=hcs, image=image, image_label=image_label, labels=labels, well=well)
 
 
 def _dump(model: Any) -> dict:
@@ -89,7 +90,8 @@ def _attrs(cls: type, meta: dict, version: str) -> dict:
     """``meta`` validated by the ome-zarr-models attributes class ``cls``, as JSON (without ``version``)."""
     model = cls.model_validate({**meta, "version": "0.5"} if is_v05(version) else meta)
     out = _dump(model)
-    out.pop("version", None) if is_v05(version) else None
+    if is_v05(version):
+        out.pop("version", None)  # write_ngff puts it under "ome"
     return out
 
 
