@@ -3,7 +3,6 @@ image, labels, label image) and opened with ngio (plate, image, label, table), a
 Stores come from the library functions and the step functions directly (no Snakemake: seconds)."""
 import os
 
-import ngio
 import numpy as np
 import pytest
 import zarr
@@ -17,6 +16,8 @@ from pipeline_lib.io.synthetic_volume import write_synthetic_volume
 from pipeline_lib.steps.measure import run_measure_batch
 from pipeline_lib.steps.plan import write_plan
 from pipeline_lib.steps.segment import run_segment_batch
+
+import ngio  # noqa: E402,I001 - after pipeline_lib.io (which imports ome_zarr_models first: io/ngff.py)
 
 VERSIONS = ["0.4", "0.5"]
 

@@ -28,8 +28,13 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
+import ome_zarr_models  # noqa: F401 - imported first on purpose, see below
 import zarr
 
+# ome-zarr-models 1.7's NGFF 0.4 group models validate only when ome_zarr_models is imported before
+# something else imports both pydantic_zarr.v2 and .v3 (ngio does): the two modules share the
+# ForwardRefs of one typing.Union, which Python 3.11 resolves once, for whichever module comes first.
+# Importing it here, with pipeline_lib.io, keeps our processes in the working order.
 if TYPE_CHECKING:  # io/ome_zarr.py imports this module: its names are imported where they are used
     from .ome_zarr import Multiscale, StoreLayout
 
