@@ -415,5 +415,8 @@ def mirror_plate(src: StoreLayout, dst_root: str | os.PathLike, placeholders: bo
             except InputError:
                 continue  # the plan records the field as failed; no labels will be written for it
             group = root.require_group(ref.path) if ref.path else root
+            attrs = group.attrs.asdict()
+            if "multiscales" in attrs.get("ome", attrs) and "pipeline_lib" not in attrs:
+                continue  # a real image is there already (the store holds pixels): leave it alone
             placeholder_image(group, image, image.path, check=i == 0)
     return root
