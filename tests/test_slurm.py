@@ -92,6 +92,7 @@ def _test_profile(dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow  # runs the plan step through Snakemake
 def test_profile_by_name_plans_the_cluster_jobs_from_the_repository_root(tiny_model, tmp_path):
     """`snakemake --profile slurm` as typed (README), dry run after the plan: every batch gets its predict,
     segment and measure job, with the profile's partitions and resources (no sbatch needed)."""
