@@ -46,3 +46,26 @@ def test_offline_demo_runs_the_workflow_on_oracle_maps(tmp_path):
     assert prov["model"]["predictions_source"]["kind"] == "oracle" and prov["config"]["ground_truth"] == "nuclei_gt"
     report = (res / "report.html").read_text()
     assert "(oracle maps)" in report and "ORACLE decoder maps" in report
+
+
+def test_unreachable_answers_within_its_timeout():
+    """The demo's probe: a server that answers (even 501 to HEAD), a refused port, and one that never answers."""
+    import http.server
+    import socket
+    import threading
+
+    from pipeline_lib.models.download import unreachable
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # 501 to every method
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # accepts the connection, never sends a byte
+    try:
+        assert unreachable(f"http://127.0.0.1:{server.server_port}/vit_b.pt", timeout=5) is None
+        assert "refused" in unreachable(OFFLINE + "/vit_b.pt", timeout=5).lower()
+        why = unreachable(f"http://127.0.0.1:{silent.getsockname()[1]}/vit_b.pt", timeout=1)
+        assert why and ("timed out" in why or "no answer" in why), why
+    finally:
+        server.shutdown()
+        silent.close()

@@ -90,6 +90,8 @@ def unreachable(url: str, timeout: float = 10) -> str | None:
         try:
             with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
                 result.append(None)
+        except urllib.error.HTTPError:  # the server answered (e.g. HEAD not allowed): the network works
+            result.append(None)
         except (urllib.error.URLError, OSError, ValueError) as e:
             result.append(str(getattr(e, "reason", e)))
 
