@@ -44,6 +44,8 @@ def test_offline_demo_runs_the_workflow_on_oracle_maps(tmp_path):
     assert len(field_msa) == 2 and np.all(field_msa >= 0.9)  # oracle maps give back the ground truth
     prov = json.loads((res / "provenance.json").read_text())
     assert prov["model"]["predictions_source"]["kind"] == "oracle" and prov["config"]["ground_truth"] == "nuclei_gt"
+    assert "segment b0000" in (res / "logs" / "segment" / "b0000.log").read_text()  # the step's progress bar
+    assert (res / "benchmarks" / "measure" / "b0000.tsv").is_file() and (res / "logs" / "report.log").is_file()
     report = (res / "report.html").read_text()
     assert "(oracle maps)" in report and "ORACLE decoder maps" in report
 
@@ -69,3 +71,19 @@ def test_unreachable_answers_within_its_timeout():
     finally:
         server.shutdown()
         silent.close()
+
+
+def test_logged_step_writes_its_stderr_and_traceback_to_the_log_then_restores_stderr(tmp_path):
+    from pipeline_lib.steps.logs import logged
+
+    def failing():
+        print("progress 50%", file=sys.stderr)
+        raise ValueError("corrupt chunk in A/1/0")
+
+    before = sys.stderr
+    with pytest.raises(ValueError, match="corrupt chunk"):
+        logged([str(tmp_path / "logs" / "x.log")], failing)
+    assert sys.stderr is before
+    text = (tmp_path / "logs" / "x.log").read_text()
+    assert "progress 50%" in text and "Traceback" in text and "corrupt chunk in A/1/0" in text
+    assert logged(str(tmp_path / "y.log"), lambda: 7) == 7
