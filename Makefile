@@ -6,10 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install clean bench-env
 
-$(STAMP): pyproject.toml
+# micro-sam is not a dependency of the pipeline: installed without its dependencies (as in bench-env) only so that
+# `make test` runs the parity tests against it (tests/test_parity_micro_sam.py).
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --no-deps micro-sam==1.8.14
 	touch $(STAMP)
 
 install: $(STAMP)

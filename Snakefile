@@ -1,6 +1,6 @@
 # SAM-based instance segmentation of OME-Zarr plates and images.
 #   snakemake --cores 4 --configfile my_config.yaml           (local)
-#   snakemake --profile profiles/slurm --configfile my.yaml    (cluster)
+#   snakemake --profile slurm --configfile my.yaml             (cluster, from the repository root)
 # Data flow: model -> plan (checkpoint) -> per batch of fields:
 #   ais:     predict (GPU: decoder maps) -> segment (CPU: watershed)
 #   apg/amg: segment (GPU: embed, decode prompts, mask NMS)

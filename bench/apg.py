@@ -93,8 +93,8 @@ def main() -> None:
         t1 = time.perf_counter()
         blocks = block_grid(img.shape, max(img.shape))
         pd.set_tiles(emb)
-        seg, info = apg_segment(maps, max(img.shape), lambda tl, pts: decode_points(
-            pd, blocks, img.shape, tl, pts, batch_size=args.batch_size))
+        seg, info = apg_segment(maps, max(img.shape), lambda tl, pts, pd=pd, blocks=blocks, shape=img.shape: (
+            decode_points(pd, blocks, shape, tl, pts, batch_size=args.batch_size)))
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()

@@ -60,7 +60,8 @@ def test_apg_matches_micro_sam():
         pd = PromptDecoder(sam)
         pd.set_tiles(emb)
         blocks = block_grid(img.shape, max(img.shape))
-        ours, _ = apg_segment(maps, max(img.shape), lambda t, p: decode_points(pd, blocks, img.shape, t, p))
+        ours, _ = apg_segment(maps, max(img.shape),
+                              lambda t, p, pd=pd, blocks=blocks, shape=img.shape: decode_points(pd, blocks, shape, t, p))
         assert ref.max() > 5, name
         assert msa(ours, ref) >= 0.99, (name, msa(ours, ref))
 

@@ -31,6 +31,7 @@ def plate_run(real_plate, tmp_path_factory):
     return plate, out
 
 
+@pytest.mark.slow  # end-to-end through Snakemake
 def test_real_plate_writes_every_output(plate_run):
     plate, out = plate_run
     for name in PLATE_FILES:
@@ -59,6 +60,7 @@ def test_real_plate_writes_every_output(plate_run):
         assert np.allclose(table["solidity"], mine["solidity"], rtol=1e-6)
 
 
+@pytest.mark.slow  # end-to-end through Snakemake
 def test_metrics_csv_agrees_with_an_independent_msa(plate_run):
     plate, out = plate_run
     metrics = pd.read_csv(out / "metrics.csv", dtype={"field": str, "well": str})
@@ -79,6 +81,7 @@ def test_metrics_csv_agrees_with_an_independent_msa(plate_run):
         assert m == pytest.approx(np.mean([r["msa"] for (ww, _), r in ref.items() if ww == w]), abs=1e-12)
 
 
+@pytest.mark.slow  # end-to-end through Snakemake
 def test_synthetic_multichannel_plate_with_a_failed_and_an_unscored_field(tmp_path):
     """Intensities in every channel; a corrupt chunk in channel 1 fails just that field, named in the
     outputs; a field without ground truth is listed as unscored."""
@@ -109,6 +112,7 @@ def test_synthetic_multichannel_plate_with_a_failed_and_an_unscored_field(tmp_pa
     assert "B/2/1" in (out / "report.html").read_text()
 
 
+@pytest.mark.slow  # end-to-end through Snakemake
 def test_tiff_export_then_ingest_gives_the_same_objects(real_plate, tiny_model, tmp_path):
     """The real plate exported to ImageXpress-style TIFFs, ingested and segmented (tiny SAM on the pixels)
     gives the same objects, features and intensities as the OME-Zarr input."""
@@ -135,6 +139,7 @@ def test_tiff_export_then_ingest_gives_the_same_objects(real_plate, tiny_model, 
     assert fa["n_objects"].tolist() == fb["n_objects"].tolist() and (fa["status"] == "ok").all()
 
 
+@pytest.mark.slow  # end-to-end through Snakemake
 def test_real_plate_report_screenshot_shows_heatmaps_and_thumbnails(plate_run, tmp_path):
     from PIL import Image
 

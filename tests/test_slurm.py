@@ -1,4 +1,5 @@
-"""The demo plate through `--profile profiles/slurm` on a real single-node SLURM (tests/slurm/cluster.sh:
+"""The demo plate through README's cluster command (`snakemake --profile slurm ...`, from the repository
+root) on a real single-node SLURM (tests/slurm/cluster.sh:
 slurmctld, slurmd, slurmdbd + MariaDB, munge), with one GPU-rule job killed on purpose mid-run. The killed
 job is retried by the profile, and the final labels equal those of an uninterrupted local run.
 
@@ -22,6 +23,14 @@ from conftest import REPO, run_workflow
 
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 DAEMONS = ("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd")
+#: The cluster command as README.md gives it; the tests run exactly this, from the repository root.
+README_COMMAND = "snakemake --profile slurm --configfile my.yaml"
+
+
+def readme_command(config: Path) -> list[str]:
+    """README's cluster command with ``my.yaml`` replaced by ``config`` (run it with cwd=REPO)."""
+    assert README_COMMAND in (REPO / "README.md").read_text(), f"README no longer shows `{README_COMMAND}`"
+    return [sys.executable, "-m"] + [str(config) if t == "my.yaml" else t for t in README_COMMAND.split()]
 
 
 @pytest.fixture(scope="module")
@@ -65,19 +74,48 @@ def test_profile_mentions_every_cluster_rule():
 
 
 def _test_profile(dst: Path) -> Path:
-    """profiles/slurm with the test cluster's partition and size (1 CPU, small memory, no GPUs)."""
+    """An overlay for the test cluster, given after README's `--profile slurm`: its partition and size (1 CPU,
+    small memory, no GPUs). A later profile replaces whole top-level keys, so the resource sections are the
+    shipped ones with those values changed."""
     prof = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
-    prof["default-resources"].update(slurm_partition="debug", slurm_account="samtest", mem_mb="1500 * attempt",
-                                     runtime="10 * attempt")
-    for res in prof["set-resources"].values():
+    overlay = {"default-resources": dict(prof["default-resources"], slurm_partition="debug", slurm_account="samtest",
+                                         mem_mb="1500 * attempt", runtime="10 * attempt"),
+               "set-resources": prof["set-resources"]}
+    for res in overlay["set-resources"].values():
         res.update(slurm_partition="debug", mem_mb="1500 * attempt", cpus_per_task=1)
     for rule in ("predict", "prompt_segment", "volume_segment"):
-        prof["set-resources"][rule]["gpu"] = 0  # the test node has no GPU; the rules run on CPU
-    prof.update({"jobs": 4, "latency-wait": 5, "slurm-init-seconds-before-status-checks": 1,
-                 "slurm-keep-successful-logs": True})
+        overlay["set-resources"][rule]["gpu"] = 0  # the test node has no GPU; the rules run on CPU
+    overlay.update({"jobs": 4, "latency-wait": 5, "slurm-init-seconds-before-status-checks": 1,
+                    "slurm-keep-successful-logs": True})
     dst.mkdir(parents=True, exist_ok=True)
-    (dst / "config.yaml").write_text(yaml.safe_dump(prof))
+    (dst / "config.yaml").write_text(yaml.safe_dump(overlay))
     return dst
+
+
+@pytest.mark.slow  # runs the plan step through Snakemake
+def test_profile_by_name_plans_the_cluster_jobs_from_the_repository_root(tiny_model, tmp_path):
+    """`snakemake --profile slurm` as typed (README), dry run after the plan: every batch gets its predict,
+    segment and measure job, with the profile's partitions and resources (no sbatch needed)."""
+    from pipeline_lib.io.synthetic import write_synthetic_plate
+    write_synthetic_plate(tmp_path / "p.ome.zarr", rows="A", columns=[1, 2], fields=2, shape=(96, 128), nuclei=5)
+    cfg = {"input": str(tmp_path / "p.ome.zarr"), "output": str(tmp_path / "out"), "method": "ais",
+           "model": {"checkpoint": tiny_model["checkpoint"], "decoder": tiny_model["decoder"], "device": "cpu"},
+           "batching": {"fields_per_job": 2}}
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = readme_command(tmp_path / "my.yaml")
+    plan = subprocess.run(cmd[:3] + [str(tmp_path / "out" / "plan.json"), "--cores", "1"] + cmd[5:], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)  # the local plan step, no profile
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    dry = subprocess.run(cmd + ["-n"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = dry.stdout + dry.stderr
+    assert dry.returncode == 0, out[-3000:]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M))
+    assert {k: counts.get(k) for k in ("predict", "segment", "measure")} == {"predict": "2", "segment": "2",
+                                                                            "measure": "2"}, out[-3000:]
+    jobs = re.findall(r"^rule (\w+):.*?resources: ([^\n]*)", out, flags=re.M | re.S)
+    res = {rule: r for rule, r in jobs}
+    assert "slurm_partition=gpu," in res["predict"] and "gpu=1" in res["predict"], res["predict"]
+    assert "slurm_partition=cpu," in res["segment"] and "mem_mb=8000," in res["segment"], res["segment"]
 
 
 def _kill_when_running(pattern: str, proc: subprocess.Popen, timeout: float = 300) -> list[int]:
@@ -111,10 +149,9 @@ def test_demo_plate_on_real_slurm_with_a_killed_job(slurm, tiny_model, tmp_path)
     cfg = dict(base, input=str(plates["slurm"]), output=str(tmp_path / "slurm" / "results"))
     (tmp_path / "slurm" / "config.yaml").write_text(yaml.safe_dump(cfg))
     profile = _test_profile(tmp_path / "profile")
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
-           str(tmp_path / "slurm"), "--configfile", str(tmp_path / "slurm" / "config.yaml"), "--profile", str(profile)]
+    cmd = readme_command(tmp_path / "slurm" / "config.yaml") + ["--profile", str(profile)]
     log = open(tmp_path / "snakemake.log", "w")
-    proc = subprocess.Popen(cmd, env=slurm, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=slurm, stdout=log, stderr=subprocess.STDOUT, text=True)
     killed = _kill_when_running(r"predict:batch=b0001", proc)
     try:
         rc = proc.wait(timeout=900)
@@ -138,5 +175,5 @@ def test_demo_plate_on_real_slurm_with_a_killed_job(slurm, tiny_model, tmp_path)
         b = zarr.open_array(f"{plates['local']}/{f['path']}/labels/sam/s0", mode="r")[:]
         assert np.array_equal(a, b), f["path"]
     # and a rerun has nothing left to do
-    dry = subprocess.run(cmd + ["--dry-run"], env=slurm, capture_output=True, text=True, timeout=300)
+    dry = subprocess.run(cmd + ["--dry-run"], cwd=REPO, env=slurm, capture_output=True, text=True, timeout=300)
     assert "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-2000:]

@@ -186,6 +186,7 @@ def test_offsets_and_partials():
     assert row.volume_voxels == 4 and row.bbox_z0 == 0 and row.bbox_z1 == 6 and row.z_extent == 6
 
 
+@pytest.mark.slow  # end-to-end through Snakemake
 def test_volume_workflow_snakemake(synthetic_volume, tmp_path):
     """The real Snakefile on a volume: the four passes, resumable, outputs where napari expects them."""
     import shutil

@@ -33,6 +33,7 @@ def oracle_plate(real_plate, tmp_path_factory):
     return plate, tmp / "oracle_predictions.ome.zarr"
 
 
+@pytest.mark.slow  # end-to-end through Snakemake
 def test_real_plate_tiny_model(real_plate, tiny_model, tmp_path):
     plate = tmp_path / "plate.ome.zarr"
     shutil.copytree(real_plate, plate)
@@ -63,6 +64,7 @@ def test_real_plate_tiny_model(real_plate, tiny_model, tmp_path):
         assert np.array_equal(_labels(plate, f["path"], "sam"), _labels(plate, f["path"], "sam_again"))
 
 
+@pytest.mark.slow  # end-to-end through Snakemake
 def test_real_plate_from_oracle_predictions(oracle_plate, tmp_path):
     plate, preds = oracle_plate
     base = {"input": str(plate), "predictions": str(preds), "model": {"name": "vit_b_lm"},
@@ -86,6 +88,7 @@ def test_real_plate_from_oracle_predictions(oracle_plate, tmp_path):
     assert np.mean(scores) >= 0.920, np.mean(scores)  # micro-sam's own AIS on these maps: 0.920
 
 
+@pytest.mark.slow  # end-to-end through Snakemake
 def test_ngff_05_plate_with_separate_label_store(tiny_model, tmp_path):
     plate = tmp_path / "v05.ome.zarr"
     write_synthetic_plate(plate, rows="B", columns=[2, 3], fields=2, shape=(200, 260), nuclei=20, channels=2,
@@ -104,6 +107,7 @@ def test_ngff_05_plate_with_separate_label_store(tiny_model, tmp_path):
     assert zarr.open_group(str(store), mode="r").attrs["ome"]["plate"]["wells"]
 
 
+@pytest.mark.slow  # end-to-end through Snakemake
 def test_bad_inputs_fail_before_tile_work(tiny_model, tmp_path):
     plate = tmp_path / "p.ome.zarr"
     write_synthetic_plate(plate, rows="A", columns=[1], fields=1, shape=(64, 64), nuclei=3)
@@ -123,6 +127,7 @@ def test_bad_inputs_fail_before_tile_work(tiny_model, tmp_path):
     assert not (plate / "A/1/0/labels/sam").exists()
 
 
+@pytest.mark.slow  # end-to-end through Snakemake
 def test_single_image_input(tmp_path, tiny_model):
     """A single OME-Zarr image (c, y, x), predicted with the tiny model in field normalisation mode."""
     from pipeline_lib.io.synthetic import _write_multiscale, blob_field
@@ -142,6 +147,7 @@ def test_single_image_input(tmp_path, tiny_model):
     assert maps.shape == (3, 150, 190) and float(np.asarray(maps).max()) > 0
 
 
+@pytest.mark.slow  # end-to-end through Snakemake
 def test_corrupt_chunk_fails_that_field_only_and_a_rerun_redoes_just_its_batch(tiny_model, tmp_path):
     plate = tmp_path / "p.ome.zarr"
     write_synthetic_plate(plate, rows="A", columns=[1, 2], fields=1, shape=(120, 150), nuclei=8)

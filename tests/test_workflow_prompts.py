@@ -19,6 +19,7 @@ from pipeline_lib.models.loading import load_model_files
 from pipeline_lib.tiling import block_grid
 
 
+@pytest.mark.slow  # end-to-end through Snakemake
 def test_apg_real_plate_subset(real_plate, tiny_model, tmp_path):
     """APG on 3 real fields, prompts from oracle maps (`predictions`), SAM = the tiny model."""
     plate = subset_plate(real_plate, tmp_path / "plate.ome.zarr", ["A/2", "B/4"])
@@ -50,6 +51,7 @@ def test_apg_real_plate_subset(real_plate, tiny_model, tmp_path):
     assert (objects["field"] == "0").any() and set(objects["well"]) == {"A2", "B4"}
 
 
+@pytest.mark.slow  # end-to-end through Snakemake
 def test_amg_synthetic_plate(tiny_model, tmp_path):
     plate = tmp_path / "plate.ome.zarr"
     write_synthetic_plate(plate, rows="A", columns=[1], fields=2, shape=(150, 190), nuclei=12)

@@ -227,6 +227,7 @@ def describe_store(path: str | os.PathLike) -> StoreLayout:
             break
     if "plate" in meta:
         plate = meta["plate"]
+        name = str(plate.get("name") or "").removesuffix(".ome.zarr").removesuffix(".zarr") or name  # NGFF name
         fields, wells = [], {}
         for w in plate.get("wells", []):
             wpath = w["path"]

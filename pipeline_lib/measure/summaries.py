@@ -13,6 +13,10 @@ import numpy as np
 import pandas as pd
 
 KEYS = ["plate", "well", "row", "column"]
+#: Text columns of the CSV outputs. Keys are strings, as in objects.parquet; a CSV carries no types and pandas
+#: reads a column "01" as the integer 1, so read the CSVs with these dtypes (read_csv) to merge them.
+CSV_DTYPES = {"plate": str, "well": str, "row": str, "column": str, "field": str, "path": str, "error": str,
+              "level": str, "qc": str}
 SCORES = ["msa", "sa50", "error_rate"]
 COUNTS = ["n_pred", "n_true", "tp50"]
 
@@ -43,6 +47,11 @@ def fields_table(fields: Sequence[dict], status: dict[str, dict]) -> pd.DataFram
     for c in ("field_area_px", "pixel_size_um", "median_area_px"):
         df[c] = pd.to_numeric(df[c], errors="coerce")
     return df
+
+
+def read_csv(path: str) -> pd.DataFrame:
+    """fields.csv, wells.csv, plate.csv or metrics.csv with its key columns as strings (see CSV_DTYPES)."""
+    return pd.read_csv(path, dtype=CSV_DTYPES)
 
 
 def public(df: pd.DataFrame) -> pd.DataFrame:

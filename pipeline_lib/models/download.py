@@ -5,6 +5,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -35,13 +36,13 @@ def file_xxh128(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _fetch(url: str, expected: str, target: Path, progress: bool = True) -> None:
+def _fetch(url: str, expected: str, target: Path, progress: bool = True, timeout: float = 60) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out:
             try:
-                with urllib.request.urlopen(url, timeout=60) as resp:
+                with urllib.request.urlopen(url, timeout=timeout) as resp:
                     total = int(resp.headers.get("Content-Length") or 0)
                     done = 0
                     while block := resp.read(1 << 22):
@@ -67,26 +68,50 @@ def _fetch(url: str, expected: str, target: Path, progress: bool = True) -> None
             os.unlink(tmp)
 
 
-def ensure_file(url: str, expected: str, target: Path, progress: bool = True) -> Path:
-    """Return ``target``, downloading it if absent; a cached file with a wrong hash is re-fetched."""
+def ensure_file(url: str, expected: str, target: Path, progress: bool = True, timeout: float = 60) -> Path:
+    """Return ``target``, downloading it if absent; a cached file with a wrong hash is re-fetched.
+    ``timeout``: seconds per connection attempt and per read."""
     if target.is_file():
         if file_xxh128(target) == expected:
             return target
         print(f"cached {target} fails its hash check; downloading it again", file=sys.stderr)
-    _fetch(url, expected, target, progress)
+    _fetch(url, expected, target, progress, timeout)
     return target
 
 
+def unreachable(url: str, timeout: float = 10) -> str | None:
+    """Why ``url`` cannot be fetched now (e.g. no internet), or None when it answers within ``timeout`` s.
+
+    A HEAD request in a daemon thread, so that even a name lookup that hangs (not covered by socket
+    timeouts) costs at most ``timeout`` seconds."""
+    result: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+                result.append(None)
+        except urllib.error.HTTPError:  # the server answered (e.g. HEAD not allowed): the network works
+            result.append(None)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            result.append(str(getattr(e, "reason", e)))
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return result[0] if result else f"no answer within {timeout:g} s"
+
+
 def ensure_published(name: str, cache_dir: str | os.PathLike | None = None,
-                     progress: bool = True) -> dict[str, str]:
+                     progress: bool = True, timeout: float = 60) -> dict[str, str]:
     """Make sure the files of model ``name`` are in the cache; return their paths and hashes."""
     model: PublishedModel = get_published(name)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    out = {"name": name, "checkpoint": str(ensure_file(model.sam.url, model.sam.xxh128, cache / name, progress)),
+    out = {"name": name,
+           "checkpoint": str(ensure_file(model.sam.url, model.sam.xxh128, cache / name, progress, timeout)),
            "checkpoint_xxh128": model.sam.xxh128}
     if model.decoder is not None:
         out["decoder"] = str(ensure_file(model.decoder.url, model.decoder.xxh128, cache / f"{name}_decoder",
-                                         progress))
+                                         progress, timeout))
         out["decoder_xxh128"] = model.decoder.xxh128
     return out
 

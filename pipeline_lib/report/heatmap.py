@@ -113,8 +113,9 @@ def plate_heatmap(wells: pd.DataFrame, value_column: str, row_labels: Sequence[s
         unit_range = value_column in UNIT_RANGE_COLUMNS
     finite = grid[np.isfinite(grid)]
     vmin, vmax = (0.0, 1.0) if unit_range else ((finite.min(), finite.max()) if finite.size else (0.0, 1.0))
-    if vmax <= vmin:
-        vmin, vmax = vmin - 0.5, vmax + 0.5
+    if vmax <= vmin:  # one value everywhere: a unit-wide scale around it, never below 0 for counts/areas
+        vmin = max(vmin - 0.5, 0.0) if vmin >= 0 else vmin - 0.5
+        vmax = vmin + 1.0
     cm = colormaps[cmap].with_extremes(bad=(0, 0, 0, 0))
     im = ax.imshow(np.ma.masked_invalid(grid), cmap=cm, vmin=vmin, vmax=vmax, interpolation="nearest",
                    aspect="equal", zorder=1)

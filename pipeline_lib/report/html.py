@@ -37,7 +37,7 @@ th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.err{max-width:700px;white-space:pre-wrap;word-break:break-word;font-family:monospace;font-size:12px}
 .meta td:first-child{font-weight:600;white-space:nowrap}
 .model{font-size:15px;padding:6px 10px;border:1px solid #bbb;background:#f7f7f7;display:inline-block;margin:6px 0}
-.model code{font-size:13px}
+.model code{font-size:13px}.model.oracle{display:table;border-color:#c77700;background:#fff4e0}
 .cards{display:flex;flex-wrap:wrap;gap:10px}
 .card{border:1px solid #ccc;border-radius:6px;padding:8px 12px;min-width:110px}
 .card .v{font-size:20px;font-weight:600}.card .k{font-size:12px;color:#555}
@@ -174,11 +174,16 @@ def header_section(summary: Mapping, plate: pd.DataFrame, provenance: Mapping) -
     hash_html = " ".join(f"{esc(k)} <code>{esc(v)}</code>" for k, v in hashes) or "hash unknown"
     if model.get("skipped"):  # instances from stored decoder maps: no model ran in this run
         name, hash_html = "none", esc(model.get("reason", "not loaded"))
+    source = model.get("predictions_source") or {}
     meta = [("Plate", p.get("plate", "")), ("Input", summary.get("input", "")),
             ("Method", provenance.get("method") or summary.get("method", "")),
-            ("Labels", summary.get("labels_name", "")), ("Config", _config_name(provenance)),
-            ("Created", provenance.get("created", ""))]
-    return (f"<header><h1>Segmentation report \u2013 {esc(p.get('plate', '') or 'image')}</h1>"
+            ("Decoder maps", model.get("predictions", "")), ("Labels", summary.get("labels_name", "")),
+            ("Config", _config_name(provenance)), ("Created", provenance.get("created", ""))]
+    oracle = source.get("kind") == "oracle"
+    banner = (f'<div class="model oracle"><b>{esc(source.get("kind", "stored").upper())} decoder maps</b>: '
+              f'{esc(source.get("description", ""))}</div>') if source else ""
+    return (f"<header><h1>Segmentation report \u2013 {esc(p.get('plate', '') or 'image')}"
+            f"{' (oracle maps)' if oracle else ''}</h1>{banner}"
             f'<div class="model">Model <b>{esc(name)}</b> \u00b7 {hash_html}</div>'
             f"{kv_table([(k, v) for k, v in meta if v not in ('', None)])}</header>")
 

@@ -128,7 +128,11 @@ def pick_fields(fields: pd.DataFrame, n: int) -> pd.DataFrame:
     order = [c for c in ("plate", "well", "field", "path") if c in fields.columns]
     failed = fields[status == "failed"].sort_values(order).head(max(1, n // 3) if n > 1 else 0)
     counts = pd.to_numeric(fields.get("n_objects", pd.Series(0, index=fields.index)), errors="coerce").fillna(0)
-    ok = fields[(status == "ok") & (counts > 0)].assign(_count=counts)
+    # the count is assigned before filtering: assigning a Series to an empty frame would adopt its index (NaN rows)
+    ranked = fields.assign(_count=counts)
+    ok = ranked[(status == "ok") & (counts > 0)]
+    if ok.empty:  # no field has objects (e.g. an all-empty plate): show some of the empty ones
+        ok = ranked[status.isin(["ok", "empty"])]
     ok = ok.sort_values(["_count", *order], ascending=[False] + [True] * len(order))
     chosen = _spread(ok, n - len(failed)).drop(columns="_count")
     return pd.concat([failed, chosen]) if len(failed) else chosen

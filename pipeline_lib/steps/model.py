@@ -9,8 +9,38 @@ from ..models.loading import ModelLoadError, SamModel, _torch_load, load_model_f
 from ..models.registry import get_published
 
 
+#: Root attribute of a predictions store that says where its maps came from (see mark_predictions_source).
+SOURCE_KEY = "pipeline_lib_predictions_source"
+
+
+def mark_predictions_source(store: str | os.PathLike, source: dict[str, Any]) -> None:
+    """Record in ``store``'s root attributes where its decoder maps came from (e.g. oracle maps from ground
+    truth), so that model.json, provenance.json and the report name it."""
+    import zarr
+    zarr.open_group(str(store), mode="a").attrs[SOURCE_KEY] = source
+
+
+def predictions_source(store: str | os.PathLike) -> dict[str, Any] | None:
+    """The source recorded by :func:`mark_predictions_source`, or None (e.g. maps written by ``predict``)."""
+    import zarr
+    try:
+        return dict(zarr.open_group(str(store), mode="r").attrs.get(SOURCE_KEY) or {}) or None
+    except (OSError, ValueError, KeyError, zarr.errors.BaseZarrError):
+        return None
+
+
 def resolve_model(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-    """Model files and hashes as a JSON-able dict; fails early with an actionable message."""
+    """Model files and hashes as a JSON-able dict; fails early with an actionable message. With
+    ``predictions``, the store and its recorded source (oracle maps, ...) are part of the answer."""
+    info = _resolve_model(cfg, progress)
+    if cfg.get("predictions"):
+        info["predictions"] = str(cfg["predictions"])
+        if src := predictions_source(cfg["predictions"]):
+            info["predictions_source"] = src
+    return info
+
+
+def _resolve_model(cfg: dict[str, Any], progress: bool) -> dict[str, Any]:
     method = cfg["method"]
     if cfg.get("predictions") and method == "ais":
         return {"skipped": True, "reason": f"predictions given: {cfg['predictions']}"}

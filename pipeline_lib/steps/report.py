@@ -4,17 +4,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import pandas as pd
-
 from ..io.ome_zarr import read_json
-
-KEY_TYPES = {"plate": str, "well": str, "row": str, "column": str, "field": str, "path": str, "error": str}
+from ..measure.summaries import read_csv
 
 
 def run_report(cfg: dict[str, Any], out_dir: str) -> str:
     from ..report.html import write_report
     summary = read_json(os.path.join(out_dir, "summary.json"))
-    read = (lambda name: pd.read_csv(os.path.join(out_dir, name), dtype=KEY_TYPES, keep_default_na=True))
+    read = (lambda name: read_csv(os.path.join(out_dir, name)))
     fields, wells, plate = read("fields.csv"), read("wells.csv"), read("plate.csv")
     has_metrics = cfg.get("ground_truth") and os.path.exists(os.path.join(out_dir, "metrics.csv"))
     metrics = read("metrics.csv") if has_metrics else None

@@ -14,10 +14,13 @@ rule aggregate:
         [f"{OUT}/{name}" for name in PLATE_OUTPUTS],
     params:
         ground_truth=CFG["ground_truth"], report=CFG["report"],
+    log:
+        f"{OUT}/logs/aggregate.log"
     run:
         from pipeline_lib.steps.aggregate import aggregate
-        aggregate(CFG, read_json_file(input.plan), read_json_file(input.model), input.jsons, input.tables, OUT,
-                  [str(p) for p in workflow.configfiles])
+        logged(log, lambda: aggregate(
+            CFG, read_json_file(input.plan), read_json_file(input.model), input.jsons, input.tables, OUT,
+            [str(p) for p in workflow.configfiles]))
 
 
 rule report:
@@ -27,15 +30,18 @@ rule report:
         f"{OUT}/report.html",
     params:
         report=CFG["report"],
+    log:
+        f"{OUT}/logs/report.log"
     run:
         from pipeline_lib.steps.report import run_report
-        run_report(CFG, OUT)
+        logged(log, lambda: run_report(CFG, OUT))
 
 
 # The last step: fails the run when fields failed, after retiring their batches so that the next run
 # recomputes exactly those (batching.rerun_failed; see README "Failures and resume").
 rule check_complete:
     input:
+        plan=f"{OUT}/plan.json",
         markers=lambda wc: expand(f"{OUT}/jobs/measure/{{batch}}.json", batch=batch_ids(wc)),
         summary=f"{OUT}/summary.json",
         report=f"{OUT}/report.html",
@@ -43,6 +49,8 @@ rule check_complete:
         f"{OUT}/jobs/complete.json",
     params:
         rerun_failed=CFG["batching"]["rerun_failed"],
+    log:
+        f"{OUT}/logs/check_complete.log"
     run:
         from pipeline_lib.steps.aggregate import check_complete
-        check_complete(CFG, read_json_file(f"{OUT}/plan.json"), OUT, output[0])
+        logged(log, lambda: check_complete(CFG, read_json_file(input.plan), OUT, output[0]))

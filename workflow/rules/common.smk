@@ -1,5 +1,7 @@
 import json
 
+from pipeline_lib.steps.logs import logged  # stderr of each run: step into its log: file
+
 
 def load_plan():
     with checkpoints.plan.get().output[0].open() as f:
@@ -13,3 +15,22 @@ def batch_ids(wildcards):
 def read_json_file(path):
     with open(path) as f:
         return json.load(f)
+
+
+# Input functions of segment.smk, ingest.smk, volume.smk (`snakemake --lint`: functions and rules in separate files)
+# segment.smk: the AIS step waits for the predict job of its batch unless the maps are given
+def segment_inputs(wildcards):
+    inputs = {"plan": f"{OUT}/plan.json"}
+    if USE_MODEL:
+        inputs["predicted"] = f"{OUT}/jobs/predict/{wildcards.batch}.json"
+    return inputs
+
+
+# ingest.smk
+def ingest_plan_json():
+    return checkpoints.ingest_plan.get().output[0]
+
+
+# volume.smk
+def segment_markers(wildcards):
+    return expand(f"{OUT}/jobs/volume_segment/{{batch}}.json", batch=batch_ids(wildcards))

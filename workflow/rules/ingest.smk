@@ -7,18 +7,16 @@ from pipeline_lib.steps.ingest import ingest_mem_mb
 localrules: ingest_plan, ingest_done
 
 
-def ingest_plan_json():
-    return checkpoints.ingest_plan.get().output[0]
-
-
 checkpoint ingest_plan:
     output:
         f"{OUT}/ingest/plan.json",
     params:
         input=CFG["input"], ingest=CFG["ingest"], batching=CFG["batching"],
+    log:
+        f"{OUT}/logs/ingest_plan.log"
     run:
         from pipeline_lib.steps.ingest import write_ingest_plan
-        write_ingest_plan(CFG, output[0])
+        logged(log, lambda: write_ingest_plan(CFG, output[0]))
 
 
 rule ingest:
@@ -29,9 +27,13 @@ rule ingest:
     threads: 1
     resources:
         mem_mb=lambda wildcards, input, attempt: ingest_mem_mb(read_json_file(input.plan)) * attempt,
+    benchmark:
+        f"{OUT}/benchmarks/ingest/{{batch}}.tsv"
+    log:
+        f"{OUT}/logs/ingest/{{batch}}.log"
     run:
         from pipeline_lib.steps.ingest import run_ingest_batch
-        run_ingest_batch(CFG, read_json_file(input.plan), wildcards.batch, output[0])
+        logged(log, lambda: run_ingest_batch(CFG, read_json_file(input.plan), wildcards.batch, output[0]))
 
 
 rule ingest_done:
@@ -41,6 +43,8 @@ rule ingest_done:
                                   batch=sorted(read_json_file(ingest_plan_json())["batches"])),
     output:
         f"{OUT}/ingest/done.json",
+    log:
+        f"{OUT}/logs/ingest_done.log"
     run:
         from pipeline_lib.steps.ingest import finish_ingest
-        finish_ingest(CFG, read_json_file(input.plan), input.batches, output[0])
+        logged(log, lambda: finish_ingest(CFG, read_json_file(input.plan), input.batches, output[0]))

@@ -10,7 +10,11 @@ rule measure:
     params:
         ground_truth=CFG["ground_truth"], labels=CFG["labels"],
     threads: 1
+    benchmark:
+        f"{OUT}/benchmarks/measure/{{batch}}.tsv"
+    log:
+        f"{OUT}/logs/measure/{{batch}}.log"
     run:
         from pipeline_lib.steps.measure import run_measure_batch
-        run_measure_batch(CFG, read_json_file(input.plan), wildcards.batch, input.segment, output.json,
-                          output.table)
+        logged(log, lambda: run_measure_batch(
+            CFG, read_json_file(input.plan), wildcards.batch, input.segment, output.json, output.table))

@@ -7,7 +7,9 @@ rule model:
         f"{OUT}/model.json",
     params:
         model=CFG["model"], method=CFG["method"], predictions=CFG["predictions"],
+    log:
+        f"{OUT}/logs/model.log"
     run:
         from pipeline_lib.steps.model import resolve_model
         from pipeline_lib.io.ome_zarr import write_json_atomic
-        write_json_atomic(output[0], resolve_model(CFG))
+        logged(log, lambda: write_json_atomic(output[0], resolve_model(CFG)))

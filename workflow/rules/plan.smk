@@ -10,6 +10,8 @@ checkpoint plan:
     params:
         input=CFG["input"], channel=CFG["channel"], batching=CFG["batching"], labels=CFG["labels"],
         tiling=CFG["tiling"],
+    log:
+        f"{OUT}/logs/plan.log"
     run:
         from pipeline_lib.steps.plan import write_plan
-        write_plan(CFG, output[0])
+        logged(log, lambda: write_plan(CFG, output[0]))

@@ -10,7 +10,12 @@ rule predict:
     threads: 4
     resources:
         gpu=1,
+    benchmark:
+        f"{OUT}/benchmarks/predict/{{batch}}.tsv"
+    log:
+        f"{OUT}/logs/predict/{{batch}}.log"
     run:
         import sys
         from pipeline_lib.steps.predict import run_predict_batch
-        run_predict_batch(CFG, read_json_file(input.plan), wildcards.batch, read_json_file(input.model), output[0])
+        logged(log, lambda: run_predict_batch(
+            CFG, read_json_file(input.plan), wildcards.batch, read_json_file(input.model), output[0]))

@@ -12,7 +12,11 @@ rule prompt_segment:
     threads: 4
     resources:
         gpu=1,
+    benchmark:
+        f"{OUT}/benchmarks/prompt_segment/{{batch}}.tsv"
+    log:
+        f"{OUT}/logs/prompt_segment/{{batch}}.log"
     run:
         from pipeline_lib.steps.prompt_segment import run_prompt_segment_batch
-        run_prompt_segment_batch(CFG, read_json_file(input.plan), wildcards.batch, read_json_file(input.model),
-                                 output.json)
+        logged(log, lambda: run_prompt_segment_batch(
+            CFG, read_json_file(input.plan), wildcards.batch, read_json_file(input.model), output.json))

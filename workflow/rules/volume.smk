@@ -7,10 +7,6 @@
 # Every job records its run time and peak memory under <output>/benchmarks/ (Snakemake `benchmark:`).
 
 
-def segment_markers(wildcards):
-    return expand(f"{OUT}/jobs/volume_segment/{{batch}}.json", batch=batch_ids(wildcards))
-
-
 rule volume_segment:
     input:
         plan=f"{OUT}/plan.json",
@@ -25,10 +21,12 @@ rule volume_segment:
     threads: 4
     resources:
         gpu=0 if (METHOD == "ais" and CFG["predictions"]) else 1,
+    log:
+        f"{OUT}/logs/volume_segment/{{batch}}.log"
     run:
         from pipeline_lib.steps.volume_segment import run_volume_segment_batch
-        run_volume_segment_batch(CFG, read_json_file(input.plan), wildcards.batch, read_json_file(input.model),
-                                 output[0])
+        logged(log, lambda: run_volume_segment_batch(
+            CFG, read_json_file(input.plan), wildcards.batch, read_json_file(input.model), output[0]))
 
 
 rule volume_edges:
@@ -41,9 +39,12 @@ rule volume_edges:
         f"{OUT}/benchmarks/volume_edges/{{batch}}.tsv"
     params:
         volume=CFG["volume"],
+    log:
+        f"{OUT}/logs/volume_edges/{{batch}}.log"
     run:
         from pipeline_lib.steps.volume_stitch import run_volume_edges_batch
-        run_volume_edges_batch(CFG, read_json_file(input.plan), wildcards.batch, input.segments, output[0])
+        logged(log, lambda: run_volume_edges_batch(
+            CFG, read_json_file(input.plan), wildcards.batch, input.segments, output[0]))
 
 
 rule volume_merge:
@@ -58,9 +59,12 @@ rule volume_merge:
         f"{OUT}/benchmarks/volume_merge.tsv"
     params:
         volume=CFG["volume"],
+    log:
+        f"{OUT}/logs/volume_merge.log"
     run:
         from pipeline_lib.steps.volume_stitch import run_volume_merge
-        run_volume_merge(CFG, read_json_file(input.plan), input.segments, input.edges, output.lut, output.json)
+        logged(log, lambda: run_volume_merge(
+            CFG, read_json_file(input.plan), input.segments, input.edges, output.lut, output.json))
 
 
 rule volume_relabel:
@@ -73,10 +77,12 @@ rule volume_relabel:
         table=f"{OUT}/jobs/volume_relabel/{{batch}}.parquet",
     benchmark:
         f"{OUT}/benchmarks/volume_relabel/{{batch}}.tsv"
+    log:
+        f"{OUT}/logs/volume_relabel/{{batch}}.log"
     run:
         from pipeline_lib.steps.volume_relabel import run_volume_relabel_batch
-        run_volume_relabel_batch(CFG, read_json_file(input.plan), wildcards.batch, input.segments, input.lut,
-                                 output.json, output.table)
+        logged(log, lambda: run_volume_relabel_batch(
+            CFG, read_json_file(input.plan), wildcards.batch, input.segments, input.lut, output.json, output.table))
 
 
 localrules: aggregate_volume
@@ -93,7 +99,10 @@ rule aggregate_volume:
     output:
         summary=f"{OUT}/summary.json",
         objects=f"{OUT}/objects.parquet",
+    log:
+        f"{OUT}/logs/aggregate_volume.log"
     run:
         from pipeline_lib.steps.volume_relabel import aggregate_volume
-        aggregate_volume(CFG, read_json_file(input.plan), read_json_file(input.model), input.segments,
-                         input.merge, input.tables, output.summary, output.objects)
+        logged(log, lambda: aggregate_volume(
+            CFG, read_json_file(input.plan), read_json_file(input.model), input.segments, input.merge, input.tables,
+            output.summary, output.objects))
