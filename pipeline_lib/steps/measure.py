@@ -3,15 +3,13 @@ ground truth, an AnnData feature table next to each image, and per-field summari
 from __future__ import annotations
 
 import os
-import sys
 import time
-import traceback
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
+from ..engine.runner import run_units
 from ..io.ome_zarr import (InputError, Multiscale, Plane2D, Plane2DView, open_field, open_group, pixel_size_um,
                            read_json, read_multiscale, write_atomic, write_json_atomic)
 from ..io.tables import write_feature_table
@@ -91,20 +89,19 @@ def run_measure_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, seg
     """Measure every segmented field of ``batch``; a field that fails is recorded, the others go on."""
     fields = [plan["fields"][i] for i in plan["batches"][batch]]
     upstream = read_json(segment_json)["fields"]
-    status, tables = {}, []
-    for f in tqdm(fields, desc=f"measure {batch}", unit="field", file=sys.stderr):
+    tables = []
+
+    def work(f: dict[str, Any]) -> dict[str, Any]:
         s = dict(upstream.get(f["key"], {"status": "missing", "n_objects": 0}))
         if s["status"] in ("failed", "missing"):
-            status[f["key"]] = s
-            continue
-        try:
-            info, table = measure_field(cfg, plan, f)
-            status[f["key"]] = {**s, **info}
-            tables.append(table)
-        except (InputError, OSError, ValueError, KeyError) as e:
-            traceback.print_exc()
-            status[f["key"]] = {**s, "status": "failed", "n_objects": 0,
-                                "error": f"measuring {f['path'] or 'image'}: {type(e).__name__}: {e}"}
+            return s
+        info, table = measure_field(cfg, plan, f)
+        tables.append(table)
+        return {**s, **info}
+
+    status = run_units([(f["key"], f) for f in fields], work, f"measure {batch}", on_error=lambda f, err: {
+        **upstream.get(f["key"], {}), "status": "failed", "n_objects": 0,
+        "error": f"measuring {f['path'] or 'image'}: {err}"})
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=KEY_COLUMNS + ["label"])
     write_atomic(out_table, lambda p: table.to_parquet(p, index=False))
     result = {"batch": batch, "fields": status}
