@@ -8,10 +8,11 @@ import zarr
 from tqdm import tqdm
 
 from ..embed.predict import FieldTask, field_value_range, predict_maps
-from ..engine.runner import failed, run_units
+from ..engine.runner import run_units
 from ..io.ome_zarr import InputError, Plane2D, create_predictions_image, open_field, write_json_atomic
 from ..tiling import block_grid
 from .model import load_resolved
+from .plan import recheck_field
 
 
 def field_task(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any],
@@ -35,9 +36,7 @@ def run_predict_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, mod
     tasks = []
 
     def prepare(f: dict[str, Any]) -> dict[str, Any]:
-        if "error" in f:
-            return failed(f["error"])
-        tasks.append(field_task(cfg, plan, f))
+        tasks.append(field_task(cfg, plan, recheck_field(cfg, plan, f)))
         return {"status": "ok"}
 
     status = run_units([(f["key"], f) for f in fields], prepare, f"open {batch}")

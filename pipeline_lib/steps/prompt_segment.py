@@ -19,6 +19,7 @@ from ..embed.prompt_decoder import PromptDecoder, decode_points
 from ..engine.runner import failed, run_units
 from ..instances.apg import amg_segment, apg_segment
 from .model import load_resolved
+from .plan import recheck_field
 from .predict import field_task
 from .segment import write_batch_outputs, write_field_labels
 
@@ -70,9 +71,7 @@ def run_prompt_segment_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: s
                           require_decoder=cfg["method"] == "apg" and not cfg["predictions"])
     decoder = PromptDecoder(model.sam)
     def work(f: dict[str, Any]) -> dict[str, Any]:
-        if "error" in f:
-            return failed(f["error"], n_objects=0)
-        return segment_field_prompts(cfg, plan, f, model, decoder)[0]
+        return segment_field_prompts(cfg, plan, recheck_field(cfg, plan, f), model, decoder)[0]
 
     status = run_units([(f["key"], f) for f in fields], work, f"{cfg['method']} {batch} ({model.device})",
                        on_error=lambda f, err: failed(err, n_objects=0))

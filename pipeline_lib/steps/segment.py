@@ -16,10 +16,12 @@ from tqdm import tqdm
 from ..config import ais_params
 from ..engine.runner import failed, run_units
 from ..instances.ais import ais_blockwise
-from ..io.ome_zarr import (Plane2DView, create_label_image, open_field, read_json,
+from ..io.locks import acquire_all, run_id
+from ..io.ome_zarr import (Plane2DView, check_chunks, create_label_image, open_field, read_json,
                            spatial_label_axes, write_json_atomic)
 from ..io.pyramid import build_pyramid
 from ..tiling import block_grid
+from .plan import lock_path, recheck_field
 
 TABLE_COLUMNS = ["plate", "well", "row", "column", "field", "label", "area", "centroid_y", "centroid_x"]
 _SCRATCH_IN_MEMORY = 64 * 2**20  # pixels; above this the AIS scratch labels live in a zarr on disk
@@ -32,6 +34,7 @@ def _tmp_root(cfg: dict[str, Any]) -> str:
 
 
 def _label_group(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]):
+    acquire_all([(lock_path(f), f"labels/{cfg['labels']['name']} of {f['image']}")], run_id(cfg["output"]))
     img = open_field(plan["input"], f["path"])
     if cfg["labels"]["store"]:
         parent = zarr.open_group(os.path.dirname(os.path.dirname(f["labels"])), mode="a",
@@ -78,6 +81,7 @@ def write_field_labels(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, A
 
 def segment_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]) -> tuple[dict, pd.DataFrame]:
     maps = zarr.open_array(os.path.join(f["predictions"], "0"), mode="r")
+    check_chunks(maps, os.path.join(f["predictions"], "0"), cfg["missing_chunks"])
     img, group = _label_group(cfg, plan, f)
     level0 = group[img.datasets[0]["path"]]
     out = Plane2DView(level0)
@@ -107,9 +111,9 @@ def run_segment_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, pre
     upstream = read_json(predict_marker)["fields"] if predict_marker else {}
     def work(f: dict[str, Any]) -> dict[str, Any]:
         prior = upstream.get(f["key"], {})
-        if "error" in f or prior.get("status") == "failed":
-            return failed(f.get("error") or prior.get("error"), n_objects=0)
-        return segment_field(cfg, plan, f)[0]
+        if prior.get("status") == "failed":
+            return failed(prior.get("error"), n_objects=0)
+        return segment_field(cfg, plan, recheck_field(cfg, plan, f))[0]
 
     status = run_units([(f["key"], f) for f in fields], work, f"segment {batch}",
                        on_error=lambda f, err: failed(err, n_objects=0))
