@@ -58,7 +58,8 @@ def open_level(group: zarr.Group, path: str, where: str) -> zarr.Array:
     try:
         return group[path]
     except KeyError:
-        raise InputError(f"'{where}': the multiscales metadata lists level '{path}' but the array is missing.") from None
+        raise InputError(f"'{where}': the multiscales metadata lists level '{path}' but the array is "
+                         "missing.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad_metadata(os.path.join(where, path), e) from e
 

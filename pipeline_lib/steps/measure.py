@@ -78,7 +78,8 @@ def measure_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]) 
     table["label"] = table["label"].astype(np.uint32)
     suffixes = channel_columns(names)
     nonfinite = {k: v for k, v in features.attrs.get("n_nonfinite", {}).items() if v}
-    info: dict[str, Any] = {"channels": suffixes, "pixel_size_um": px, **({"n_nonfinite": nonfinite} if nonfinite else {}),
+    info: dict[str, Any] = {"channels": suffixes, "pixel_size_um": px,
+                            **({"n_nonfinite": nonfinite} if nonfinite else {}),
                             "field_area_px": int(np.prod(labels.shape)), **field_summary(table, suffixes)}
     gt = cfg.get("ground_truth")
     if gt:

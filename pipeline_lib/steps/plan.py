@@ -93,7 +93,8 @@ def lock_path(f: dict[str, Any]) -> str:
 def lock_labels(cfg: dict[str, Any], plan: dict[str, Any]) -> None:
     """Lock every label image this run will write (before any other write): refuses a second run on the
     same labels, and finds a read-only label location now rather than after the GPU work."""
-    items = [(lock_path(f), f"labels/{cfg['labels']['name']} of {f['image']}") for f in plan["fields"]]
+    items = [(lock_path(f), f"labels/{cfg['labels']['name']} of {f['image']}") for f in plan["fields"]
+             if "error" not in f]  # a field that failed here takes its lock in the job that redoes it
     try:
         acquire_all(items, run_id(cfg["output"]))
     except PermissionError as e:

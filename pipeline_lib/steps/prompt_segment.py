@@ -70,6 +70,7 @@ def run_prompt_segment_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: s
     model = load_resolved(model_info, cfg["model"]["device"],
                           require_decoder=cfg["method"] == "apg" and not cfg["predictions"])
     decoder = PromptDecoder(model.sam)
+
     def work(f: dict[str, Any]) -> dict[str, Any]:
         return segment_field_prompts(cfg, plan, recheck_field(cfg, plan, f), model, decoder)[0]
 
