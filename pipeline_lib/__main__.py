@@ -35,8 +35,14 @@ def _synthetic(args) -> None:
 
 
 def _validate(args) -> None:
-    from .config import load_config
-    load_config(args.config)
+    from .config import ConfigError, check_runnable, load_config
+    try:
+        problems = check_runnable(load_config(args.config), args.config)
+    except ConfigError as e:
+        problems = [str(e)]
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        sys.exit(1)
     print(f"{args.config}: valid")
 
 

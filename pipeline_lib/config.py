@@ -51,8 +51,36 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
     if cfg.get("predictions") is None and cfg["model"].get("decoder") and not cfg["model"].get("checkpoint"):
         raise ConfigError(f"{source}: model.decoder is set but model.checkpoint is not; give both, "
                           "or use model.name for a published model.")
+    t, h = cfg["tiling"]["tile"], cfg["tiling"]["halo"]
+    if h > t:
+        raise ConfigError(f"{source}: tiling.halo ({h}) is larger than tiling.tile ({t}): each tile would encode "
+                          f"{((t + 2 * h) / t) ** 2:.0f}x its own pixels. Use a halo of at most the tile size "
+                          "(typically tile/8 to tile/4), or a larger tile.")
     cfg["method"] = resolve_method(cfg, source)
     return cfg
+
+
+def check_runnable(cfg: dict[str, Any], source: str = "config") -> list[str]:
+    """What ``python -m pipeline_lib validate`` checks beyond the schema, without running anything: the
+    model name, and that the input (or ingest.source) and ``predictions`` exist. Returns the problems."""
+    from .models.registry import MODELS
+    problems = []
+    model = cfg["model"]
+    if not cfg.get("predictions") and not model.get("checkpoint") and model["name"] not in MODELS:
+        problems.append(f"model.name: unknown model '{model['name']}'. Valid names: {', '.join(sorted(MODELS))}; "
+                        "or give model.checkpoint (and model.decoder).")
+    for key in ("checkpoint", "decoder"):
+        if not cfg.get("predictions") and model.get(key) and not os.path.exists(model[key]):
+            problems.append(f"model.{key}: '{model[key]}' does not exist.")
+    if cfg["ingest"].get("source"):
+        if not os.path.isdir(cfg["ingest"]["source"]):
+            problems.append(f"ingest.source: '{cfg['ingest']['source']}' is not a directory.")
+    elif not os.path.exists(cfg["input"]):
+        problems.append(f"input: '{cfg['input']}' does not exist (give an OME-Zarr plate or image, or set "
+                        "ingest.source to convert a folder of image files into it).")
+    if cfg.get("predictions") and not os.path.exists(cfg["predictions"]):
+        problems.append(f"predictions: '{cfg['predictions']}' does not exist.")
+    return [f"{source}: {p}" for p in problems]
 
 
 def resolve_method(cfg: dict[str, Any], source: str = "config") -> str:

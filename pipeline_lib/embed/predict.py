@@ -42,7 +42,10 @@ def field_value_range(image: Any, tile: int = 2048) -> tuple[float, float]:
     lo, hi = np.inf, -np.inf
     for b in block_grid(image.shape, tile):
         x = np.asarray(image[b.inner])
-        lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+        if x.dtype.kind == "f":
+            x = x[np.isfinite(x)]  # NaN / inf are left out (and encoded as 0)
+        if x.size:
+            lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
     return lo, hi
 
 

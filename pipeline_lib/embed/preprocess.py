@@ -4,8 +4,12 @@ Per encoded array: channels to RGB, per-channel min-max to [0, 255] truncated to
 resized to 1024 (PIL bilinear with antialiasing, on uint8), SAM mean/std normalisation, zero padding
 to 1024 x 1024. The optional ``value_range`` replaces the per-tile min/max with fixed bounds
 (e.g. of the whole field), which avoids the contrast blow-up of empty tiles (micro-sam issue #1114).
+Unlike micro-sam, NaN and inf pixels are left out of the min-max (they become 0); finite images are
+encoded bit-exactly as micro-sam does.
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -32,14 +36,24 @@ def to_rgb_uint8(image: np.ndarray, value_range: tuple[float, float] | None = No
     elif x.ndim != 3:
         raise ValueError(f"expected a 2D image (H, W) or (H, W, C), got shape {x.shape}")
     x = x.astype("float32")
-    if value_range is None:
-        x -= x.min(axis=(0, 1))[None, None]
-        x /= (x.max(axis=(0, 1))[None, None] + 1e-7)
-    else:
-        lo, hi = (np.float32(v) for v in value_range)
-        x = np.clip(x, lo, hi)
-        x -= lo
-        x /= (hi - lo + np.float32(1e-7))
+    finite = np.isfinite(x)
+    bad = None if finite.all() else ~finite
+    if bad is not None:  # NaN / inf: left out of the min-max and encoded as 0 (micro-sam: one grey tile)
+        x[bad] = np.nan
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN channels
+        if value_range is None:
+            lo = x.min(axis=(0, 1)) if bad is None else np.nanmin(x, axis=(0, 1))
+            x -= lo[None, None]
+            hi = x.max(axis=(0, 1)) if bad is None else np.nanmax(x, axis=(0, 1))
+            x /= (hi[None, None] + 1e-7)
+        else:
+            lo, hi = (np.float32(v) for v in value_range)
+            x = np.clip(x, lo, hi)
+            x -= lo
+            x /= (hi - lo + np.float32(1e-7))
+    if bad is not None:
+        x[np.isnan(x)] = 0
     return (x * 255).astype("uint8")
 
 

@@ -19,7 +19,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -549,18 +549,14 @@ def ingest_field(plate: str | os.PathLike, field: dict[str, Any]) -> bool:
 
 
 def ingest_fields(plate: str | os.PathLike, fields: list[dict[str, Any]],
-                  progress: Callable[[Iterable], Iterable] | None = None) -> dict[str, dict[str, Any]]:
+                  desc: str = "ingest") -> dict[str, dict[str, Any]]:
     """Ingest a batch of fields; a field that fails is reported (its error names the file), the others go on.
 
     Returns {field path: {"status": "ok", "reused": bool} or {"status": "failed", "error": str}}.
     """
-    status: dict[str, dict[str, Any]] = {}
-    for f in (progress or iter)(fields):
-        try:
-            status[f["path"]] = {"status": "ok", "reused": not ingest_field(plate, f)}
-        except (InputError, OSError, ValueError) as e:
-            status[f["path"]] = {"status": "failed", "error": str(e)}
-    return status
+    from ..engine.runner import run_units
+    return run_units([(f["path"], f) for f in fields],
+                     lambda f: {"status": "ok", "reused": not ingest_field(plate, f)}, desc)
 
 
 # ----------------------------------------------------------------------------------------------- export

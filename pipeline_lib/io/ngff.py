@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -310,15 +311,11 @@ def create_label_image(image_group: zarr.Group, image: Multiscale, name: str, ch
     pixels off. An absolute ``source`` is stored relative to the label group. Called once per field by
     the planning step (volumes) or the field's segment job; jobs then only write chunks.
     """
-    from .ome_zarr import ngff, spatial_label_axes
+    from .ome_zarr import spatial_label_axes
     axes, idx = spatial_label_axes(image)
     version = image.version
     labels = image_group.require_group("labels")
-    lmeta, _ = ngff(labels)
-    names = list(lmeta.get("labels", []))
-    if name not in names:
-        names.append(name)
-        write_labels_list(labels, names, version)
+    _add_label_name(image_group, name, version)
     group = labels[name] if name in labels and not overwrite else labels.create_group(name, overwrite=True)
     paths = [d["path"] for d in image.datasets]
     shapes = [tuple(image.level(k).shape[i] for i in idx) for k in range(image.n_levels)]
@@ -330,6 +327,25 @@ def create_label_image(image_group: zarr.Group, image: Multiscale, name: str, ch
     write_label(group, version, [dict(a) for a in axes], datasets_meta(paths, scales, shifts), name,
                 source=relative_source(group, source))
     return group
+
+
+def _add_label_name(image_group: zarr.Group, name: str, version: str) -> None:
+    """Append ``name`` to the ``labels`` list of ``labels/``: a read-modify-write under a file lock
+    (io.locks), re-reading the list inside it, so that concurrent runs do not drop each other's names."""
+    from .locks import locked_update
+    from .ome_zarr import ngff
+
+    def update() -> None:
+        labels = image_group.require_group("labels")
+        names = list(ngff(labels)[0].get("labels", []))
+        if name not in names:
+            write_labels_list(labels, names + [name], version)
+
+    root = getattr(image_group.store, "root", None)
+    if root is None:  # not a local directory: no file lock to take
+        update()
+    else:
+        locked_update(str(Path(root) / image_group.path / "labels"), update)
 
 
 def create_predictions_image(group: zarr.Group, shape_yx: Sequence[int], chunks_yx: Sequence[int],

@@ -34,6 +34,38 @@ def open_group(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
         return zarr.open_group(str(path), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
         raise InputError(f"'{path}' is not a zarr group (no .zgroup / zarr.json found).") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_metadata(path, e) from e
+
+
+_METADATA_FILES = ("zarr.json", ".zgroup", ".zattrs", ".zarray")
+
+
+def bad_metadata(path: str | os.PathLike, error: Exception) -> InputError:
+    """An InputError naming the metadata file(s) under ``path`` that are not valid JSON (truncated, corrupt)."""
+    bad = []
+    for name in _METADATA_FILES:
+        f = os.path.join(str(path), name)
+        try:
+            json.loads(Path(f).read_bytes())
+        except FileNotFoundError:
+            continue
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError
+            bad.append(f)
+    where = ", ".join(bad) or f"the zarr metadata under '{path}'"
+    return InputError(f"{where}: not valid JSON ({error}); the file is truncated or corrupt. Restore it from "
+                      "the source data (or rewrite it) and run again.")
+
+
+def open_level(group: zarr.Group, path: str, where: str) -> zarr.Array:
+    """Array ``path`` of ``group``; a missing level or broken metadata becomes an InputError naming it."""
+    try:
+        return group[path]
+    except KeyError:
+        raise InputError(f"'{where}': the multiscales metadata lists level '{path}' but the array is "
+                         "missing.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_metadata(os.path.join(where, path), e) from e
 
 
 def ngff(group: zarr.Group) -> tuple[dict, str]:
@@ -74,7 +106,7 @@ class Multiscale:
         return [a["name"] for a in self.axes]
 
     def level(self, i: int = 0) -> zarr.Array:
-        return self.group[self.datasets[i]["path"]]
+        return open_level(self.group, self.datasets[i]["path"], self.path)
 
     @property
     def n_levels(self) -> int:
@@ -151,8 +183,26 @@ def read_multiscale(group: zarr.Group, path: str = "") -> Multiscale:
     names = [a["name"] for a in axes]
     if "y" not in names or "x" not in names:
         raise InputError(f"'{path}': axes {names} lack y and x; cannot segment this image.")
-    return Multiscale(group=group, path=path, version=version, axes=axes, datasets=ms["datasets"],
-                      omero=meta.get("omero"), name=ms.get("name", "image"))
+    image = Multiscale(group=group, path=path, version=version, axes=axes, datasets=ms["datasets"],
+                       omero=meta.get("omero"), name=ms.get("name", "image"))
+    check_axes(image)
+    return image
+
+
+def check_axes(image: Multiscale) -> None:
+    """Every level has one dimension per NGFF axis (else a (1, 520, 696) array with axes [y, x] would be
+    read as a 1 x 520 strip); caches the level-0 shape."""
+    for k in range(image.n_levels):
+        shape = tuple(image.level(k).shape)
+        if len(shape) != len(image.axes):
+            meta = "zarr.json" if image.version.startswith("0.5") else ".zattrs"
+            raise InputError(
+                f"'{image.path}': the NGFF axes {image.axis_names} name {len(image.axes)} dimensions but level "
+                f"'{image.datasets[k]['path']}' has {len(shape)} (shape {shape}). Fix 'axes' in "
+                f"{os.path.join(image.path, meta)} to name every dimension of the arrays (e.g. "
+                f"{list('tczyx'[5 - len(shape):]) if len(shape) <= 5 else '...'}).")
+        if k == 0:
+            image.__dict__["shape"] = shape
 
 
 # ----------------------------------------------------------------------------------------------- plates
@@ -235,6 +285,8 @@ def describe_store(path: str | os.PathLike) -> StoreLayout:
                 wgroup = root[wpath]
             except KeyError:
                 raise InputError(f"{path}: plate metadata lists well '{wpath}' but the group is missing.") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise bad_metadata(os.path.join(path, wpath), e) from e
             wmeta, _ = ngff(wgroup)
             if "well" not in wmeta:
                 raise InputError(f"{path}/{wpath}: well group has no NGFF 'well' metadata.")
@@ -291,6 +343,36 @@ def read_region(array: Any, index: tuple, source: str, region: Any) -> np.ndarra
     except Exception as e:  # noqa: BLE001 - name the chunk that failed
         raise InputError(f"{source}: could not read region {region} ({type(e).__name__}: {e}); "
                          "a chunk is missing or corrupt.") from e
+
+
+def missing_chunks(array: zarr.Array) -> list[str]:
+    """Keys of the chunks (shards) of ``array`` that are absent from its local store, which zarr would read
+    as the fill value without a word. Empty for stores that are not local directories."""
+    root = getattr(array.store, "root", None)
+    if root is None:
+        return []
+    base = Path(root) / array.path
+    present = set()
+    for dirpath, _, files in os.walk(base):
+        rel = os.path.relpath(dirpath, base).replace(os.sep, "/")
+        present.update(f if rel == "." else f"{rel}/{f}" for f in files)
+    grid = array.shards or array.chunks
+    n = tuple(math.ceil(s / c) for s, c in zip(array.shape, grid))
+    keys = (array.metadata.encode_chunk_key(c) for c in np.ndindex(*n))
+    return [k for k in keys if k not in present]
+
+
+def check_chunks(array: zarr.Array, where: str, policy: str = "fail") -> None:
+    """Raise an InputError naming the missing chunks of ``array`` (``policy`` "fill" accepts them as the
+    fill value, for writers that skip empty chunks, as zarr-python does by default)."""
+    if policy == "fill":
+        return
+    missing = missing_chunks(array)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise InputError(f"{where}: {len(missing)} chunk(s) missing ({', '.join(missing[:5])}{more}); zarr "
+                         "would read them as zeros. Restore the chunk files and run again, or set "
+                         "missing_chunks: fill if the writer leaves out empty chunks.")
 
 
 class ChannelView:

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from .locks import locked_update
 from .ome_zarr import open_group
 
 
@@ -41,9 +42,13 @@ def write_feature_table(image_group_path: str, name: str, label_name: str, featu
         warnings.filterwarnings("ignore", message=".*(autosharding|zarr v2 data will no longer).*")
         write_elem(tables, name, table)
     tables[name].attrs.update(feature_table_attrs(label_name))
-    listed = list(tables.attrs.get("tables", []))
-    if name not in listed:
-        tables.attrs["tables"] = listed + [name]
+
+    def add_name() -> None:  # re-read inside the lock: runs with other label names share this list
+        fresh = image.require_group("tables")
+        listed = list(fresh.attrs.get("tables", []))
+        if name not in listed:
+            fresh.attrs["tables"] = listed + [name]
+    locked_update(os.path.join(image_group_path, "tables"), add_name)
     return os.path.join(image_group_path, "tables", name)
 
 

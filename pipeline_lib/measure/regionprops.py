@@ -4,7 +4,8 @@ Everything except solidity is a sum, min or max over pixels, so it is accumulate
 with one groupby; the shape features follow scikit-image's definitions from the combined second moments
 (tested against ``skimage.measure.regionprops_table``). Solidity needs the object's convex hull: it is
 computed on the object's crop, from the block in memory when the object lies inside one block, else from
-the label image on disk.
+the label image on disk. NaN / inf pixels of float channels are left out of the intensity statistics (means
+over the finite pixels; NaN for an object without any) and counted in ``attrs["n_nonfinite"]``.
 """
 from __future__ import annotations
 
@@ -58,9 +59,19 @@ def block_stats(labels: np.ndarray, channels: Sequence[np.ndarray], origin: tupl
         cols[f"max_{name}"] = np.maximum.reduceat(v, start)
     for c, img in enumerate(channels):
         v = img.ravel()[fg]
-        cols[f"isum_{c}"] = np.add.reduceat(v.astype(np.float64), start)
-        cols[f"imin_{c}"] = np.minimum.reduceat(v, start).astype(np.float64)
-        cols[f"imax_{c}"] = np.maximum.reduceat(v, start).astype(np.float64)
+        fin = np.isfinite(v) if v.dtype.kind == "f" else None
+        if fin is not None and fin.all():
+            fin = None
+        if fin is None:
+            cols[f"isum_{c}"] = np.add.reduceat(v.astype(np.float64), start)
+            cols[f"icount_{c}"] = n
+            cols[f"imin_{c}"] = np.minimum.reduceat(v, start).astype(np.float64)
+            cols[f"imax_{c}"] = np.maximum.reduceat(v, start).astype(np.float64)
+        else:  # NaN / inf pixels are left out of the object's intensity statistics
+            cols[f"isum_{c}"] = np.add.reduceat(np.where(fin, v, 0).astype(np.float64), start)
+            cols[f"icount_{c}"] = np.add.reduceat(fin.astype(np.int64), start)
+            cols[f"imin_{c}"] = np.minimum.reduceat(np.where(fin, v, np.inf), start).astype(np.float64)
+            cols[f"imax_{c}"] = np.maximum.reduceat(np.where(fin, v, -np.inf), start).astype(np.float64)
     return pd.DataFrame(cols)
 
 
@@ -135,11 +146,16 @@ def measure_labels(labels: Any, channels: Sequence[Any], channel_names: Sequence
     parts, inner = [], []
     single = h <= block and w <= block
     kept = None
+    nonfinite = [0] * len(channels)
     for y0 in range(0, h, block):
         for x0 in range(0, w, block):
             sl = np.s_[y0:min(y0 + block, h), x0:min(x0 + block, w)]
             lab = np.asarray(labels[sl])
-            stats = block_stats(lab, [np.asarray(ch[sl]) for ch in channels], (y0, x0))
+            chans = [np.asarray(ch[sl]) for ch in channels]
+            for c, a in enumerate(chans):
+                if a.dtype.kind == "f":
+                    nonfinite[c] += int(a.size - np.count_nonzero(np.isfinite(a)))
+            stats = block_stats(lab, chans, (y0, x0))
             parts.append(stats)
             if single:
                 kept = lab
@@ -154,7 +170,9 @@ def measure_labels(labels: Any, channels: Sequence[Any], channel_names: Sequence
     stats = combine_stats(parts)
     suffixes = channel_columns(channel_names)
     if not len(stats):
-        return pd.DataFrame({c: pd.Series(dtype=float) for c in SHAPE_COLUMNS + intensity_columns(suffixes)})
+        out = pd.DataFrame({c: pd.Series(dtype=float) for c in SHAPE_COLUMNS + intensity_columns(suffixes)})
+        out.attrs["n_nonfinite"] = dict(zip(suffixes, nonfinite))
+        return out
     out = shape_features(stats)
     boxes = out[["bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x"]].to_numpy()
     area = out["area"].to_numpy()
@@ -169,9 +187,11 @@ def measure_labels(labels: Any, channels: Sequence[Any], channel_names: Sequence
             y0, x0, y1, x1 = boxes[i]
             sol.iloc[i] = area[i] / convex_area(np.asarray(labels[y0:y1, x0:x1]) == ids[i])
         out["solidity"] = sol.to_numpy()
-    n = stats["n"].to_numpy(np.float64)
     for c, s in enumerate(suffixes):
-        out[f"intensity_mean_{s}"] = stats[f"isum_{c}"].to_numpy() / n
-        out[f"intensity_min_{s}"] = stats[f"imin_{c}"].to_numpy()
-        out[f"intensity_max_{s}"] = stats[f"imax_{c}"].to_numpy()
+        count = stats[f"icount_{c}"].to_numpy(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[f"intensity_mean_{s}"] = np.where(count > 0, stats[f"isum_{c}"].to_numpy() / count, np.nan)
+        out[f"intensity_min_{s}"] = np.where(count > 0, stats[f"imin_{c}"].to_numpy(), np.nan)
+        out[f"intensity_max_{s}"] = np.where(count > 0, stats[f"imax_{c}"].to_numpy(), np.nan)
+    out.attrs["n_nonfinite"] = dict(zip(suffixes, nonfinite))  # pixels left out of the intensities
     return out

@@ -36,9 +36,16 @@ def fields_table(fields: Sequence[dict], status: dict[str, dict]) -> pd.DataFram
                "density_per_mm2": n / (area * px * px) * 1e6 if area and px else np.nan,
                "mean_area_px": s["area_sum"] / n if n else np.nan,
                "median_area_px": s.get("median_area_px") if n else np.nan, "_area_sum": s.get("area_sum", 0.0)}
+        counts = s.get("intensity_counts") or {}
         for ch, v in (s.get("intensity_sums") or {}).items():
-            row[f"mean_intensity_{ch}"] = v / n if n else np.nan
+            k = counts.get(ch, n) if n else 0  # objects with a finite intensity (NaN / inf pixels left out)
+            row[f"mean_intensity_{ch}"] = v / k if k else np.nan
             row[f"_isum_{ch}"] = v
+            row[f"_icnt_{ch}"] = k
+        bad = s.get("n_nonfinite") or {}
+        row["n_nonfinite_px"] = int(sum(bad.values()))
+        row["qc"] = "; ".join(f"{v} NaN/inf pixels in {ch} (left out of normalisation and intensities)"
+                              for ch, v in bad.items())
         scores = s.get("scores")
         if "scores" in s or "ground_truth_missing" in s:
             row.update({k: (scores or {}).get(k, np.nan) for k in SCORES + COUNTS})
@@ -79,9 +86,11 @@ def _pooled(g: pd.DataFrame, channels: list[str], areas: pd.Series | None) -> di
            "objects_per_mpx": n / area * 1e6 if area else np.nan,
            "density_per_mm2": n / phys.sum() * 1e6 if done.any() and phys.notna().all() and phys.sum() else np.nan,
            "mean_area_px": g["_area_sum"].sum() / n if n else np.nan,
-           "median_area_px": float(areas.median()) if areas is not None and len(areas) else np.nan}
+           "median_area_px": float(areas.median()) if areas is not None and len(areas) else np.nan,
+           "n_nonfinite_px": int(g["n_nonfinite_px"].sum()) if "n_nonfinite_px" in g else 0}
     for ch in channels:
-        out[f"mean_intensity_{ch}"] = g[f"_isum_{ch}"].sum() / n if n else np.nan
+        k = g[f"_icnt_{ch}"].sum() if f"_icnt_{ch}" in g else n
+        out[f"mean_intensity_{ch}"] = g[f"_isum_{ch}"].sum() / k if k else np.nan
     for k in SCORES:
         if k in g:
             out[k] = g[k].mean()
@@ -114,6 +123,8 @@ def _qc(r) -> str:
         reasons.append(f"{r.n_failed} failed field{'s' * (r.n_failed > 1)}")
     if r.n_empty:
         reasons.append(f"{r.n_empty} empty field{'s' * (r.n_empty > 1)}")
+    if r.n_nonfinite_px:
+        reasons.append(f"{r.n_nonfinite_px} NaN/inf pixels (left out)")
     if r.outlier:
         reasons.append(f"count outlier (robust z {r.count_robust_z:+.1f})")
     return "; ".join(reasons)

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 from ..io.ome_zarr import read_json, write_atomic, write_json_atomic
 from ..measure.summaries import fields_table, metrics_table, plate_table, public, wells_table
 from ..provenance import provenance
+from .plan import release_labels
 
 
 def concat_parquet(paths: list[str], out: str) -> int:
@@ -93,6 +94,7 @@ def check_complete(cfg: dict[str, Any], plan: dict[str, Any], out_dir: str, out_
             "first if the error is in the data, or set batching.rerun_failed: false to accept the failures.")
     result = {"n_fields": len(summary["fields"]), "failed": [f["path"] for f in bad]}
     write_json_atomic(out_json, result)
+    release_labels(cfg, plan)  # the run is complete: another run may write these label images now
     return result
 
 

@@ -8,12 +8,10 @@ again.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from ..io.ingest import create_plate, ingest_fields, plan_plate
 from ..io.ome_zarr import InputError, read_json, write_json_atomic
@@ -45,11 +43,7 @@ def run_ingest_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, out_
     """Convert the fields of ``batch``; per-field status ok/failed (the error names the file)."""
     fields = plan["batches"][batch]
     t0 = time.time()
-    status = ingest_fields(plan["input"], fields, progress=lambda it: tqdm(
-        it, total=len(fields), desc=f"ingest {batch}", unit="field", file=sys.stderr))
-    for path, s in status.items():
-        if s["status"] == "failed":
-            print(f"ingest {batch}: field {path} failed: {s['error']}", file=sys.stderr)
+    status = ingest_fields(plan["input"], fields, desc=f"ingest {batch}")
     result = {"batch": batch, "seconds": round(time.time() - t0, 3), "fields": status}
     write_json_atomic(out_json, result)
     return result

@@ -3,20 +3,20 @@ ground truth, an AnnData feature table next to each image, and per-field summari
 from __future__ import annotations
 
 import os
-import sys
 import time
-import traceback
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
-from ..io.ome_zarr import (InputError, Multiscale, Plane2D, Plane2DView, open_field, open_group, pixel_size_um,
-                           read_json, read_multiscale, write_atomic, write_json_atomic)
+from ..engine.runner import run_units
+from ..io.locks import acquire_all, run_id
+from ..io.ome_zarr import (InputError, Multiscale, Plane2D, Plane2DView, check_chunks, open_field, open_group,
+                           pixel_size_um, read_json, read_multiscale, write_atomic, write_json_atomic)
 from ..io.tables import write_feature_table
 from ..measure.metrics import count_overlaps, merge_overlaps, scores_from_overlaps
 from ..measure.regionprops import channel_columns, measure_labels
+from .plan import lock_path
 
 KEY_COLUMNS = ["plate", "well", "row", "column", "field"]
 MEASURE_BLOCK = 2048  # pixels per side read at a time: bounds memory for fields of any size
@@ -52,7 +52,10 @@ def field_summary(table: pd.DataFrame, suffixes: list[str]) -> dict[str, Any]:
     area = table["area"].to_numpy(np.float64) if len(table) else np.zeros(0)
     out = {"n_objects": int(len(table)), "area_sum": float(area.sum()),
            "median_area_px": float(np.median(area)) if len(area) else None,
-           "intensity_sums": {s: float(table[f"intensity_mean_{s}"].sum()) if len(table) else 0.0 for s in suffixes}}
+           "intensity_sums": {s: float(table[f"intensity_mean_{s}"].sum()) if len(table) else 0.0 for s in suffixes},
+           # objects with a finite mean (NaN when every pixel of the object is NaN / inf): nanmean-style
+           "intensity_counts": {s: int(table[f"intensity_mean_{s}"].notna().sum()) if len(table) else 0
+                                for s in suffixes}}
     return out
 
 
@@ -60,6 +63,8 @@ def measure_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]) 
     """Features, feature table and (with ``ground_truth``) scores of one segmented field."""
     t0 = time.time()
     img = open_field(plan["input"], f["path"])
+    check_chunks(img.level(0), f"{f['image']}/{img.datasets[0]['path']}", cfg["missing_chunks"])
+    acquire_all([(lock_path(f), f"labels/{cfg['labels']['name']} of {f['image']}")], run_id(cfg["output"]))
     planes, names = channel_planes(img)
     labels = label_view(f["labels"])
     features = measure_labels(labels, planes, names, block=MEASURE_BLOCK)
@@ -72,7 +77,9 @@ def measure_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]) 
         table.insert(i, k, f[k])
     table["label"] = table["label"].astype(np.uint32)
     suffixes = channel_columns(names)
+    nonfinite = {k: v for k, v in features.attrs.get("n_nonfinite", {}).items() if v}
     info: dict[str, Any] = {"channels": suffixes, "pixel_size_um": px,
+                            **({"n_nonfinite": nonfinite} if nonfinite else {}),
                             "field_area_px": int(np.prod(labels.shape)), **field_summary(table, suffixes)}
     gt = cfg.get("ground_truth")
     if gt:
@@ -91,20 +98,19 @@ def run_measure_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, seg
     """Measure every segmented field of ``batch``; a field that fails is recorded, the others go on."""
     fields = [plan["fields"][i] for i in plan["batches"][batch]]
     upstream = read_json(segment_json)["fields"]
-    status, tables = {}, []
-    for f in tqdm(fields, desc=f"measure {batch}", unit="field", file=sys.stderr):
+    tables = []
+
+    def work(f: dict[str, Any]) -> dict[str, Any]:
         s = dict(upstream.get(f["key"], {"status": "missing", "n_objects": 0}))
         if s["status"] in ("failed", "missing"):
-            status[f["key"]] = s
-            continue
-        try:
-            info, table = measure_field(cfg, plan, f)
-            status[f["key"]] = {**s, **info}
-            tables.append(table)
-        except (InputError, OSError, ValueError, KeyError) as e:
-            traceback.print_exc()
-            status[f["key"]] = {**s, "status": "failed", "n_objects": 0,
-                                "error": f"measuring {f['path'] or 'image'}: {type(e).__name__}: {e}"}
+            return s
+        info, table = measure_field(cfg, plan, f)
+        tables.append(table)
+        return {**s, **info}
+
+    status = run_units([(f["key"], f) for f in fields], work, f"measure {batch}", on_error=lambda f, err: {
+        **upstream.get(f["key"], {}), "status": "failed", "n_objects": 0,
+        "error": f"measuring {f['path'] or 'image'}: {err}"})
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=KEY_COLUMNS + ["label"])
     write_atomic(out_table, lambda p: table.to_parquet(p, index=False))
     result = {"batch": batch, "fields": status}

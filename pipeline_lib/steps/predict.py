@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import sys
-import traceback
 from typing import Any
 
 import zarr
 from tqdm import tqdm
 
 from ..embed.predict import FieldTask, field_value_range, predict_maps
+from ..engine.runner import run_units
 from ..io.ome_zarr import InputError, Plane2D, create_predictions_image, open_field, write_json_atomic
 from ..tiling import block_grid
 from .model import load_resolved
+from .plan import recheck_field
 
 
 def field_task(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any],
@@ -32,16 +33,13 @@ def run_predict_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, mod
     """Write predictions for every field of ``batch``; a field that fails is reported, the others finish."""
     fields = [plan["fields"][i] for i in plan["batches"][batch]]
     model = load_resolved(model_info, cfg["model"]["device"], require_decoder=True)
-    status: dict[str, Any] = {}
     tasks = []
-    for f in fields:
-        if "error" in f:
-            status[f["key"]] = {"status": "failed", "error": f["error"]}
-            continue
-        try:
-            tasks.append(field_task(cfg, plan, f))
-        except (InputError, OSError, ValueError) as e:
-            status[f["key"]] = {"status": "failed", "error": str(e)}
+
+    def prepare(f: dict[str, Any]) -> dict[str, Any]:
+        tasks.append(field_task(cfg, plan, recheck_field(cfg, plan, f)))
+        return {"status": "ok"}
+
+    status = run_units([(f["key"], f) for f in fields], prepare, f"open {batch}")
     t, h = cfg["tiling"]["tile"], cfg["tiling"]["halo"]
     n_tiles = sum(len(block_grid(task.image.shape, t)) for task in tasks)
     kw = dict(tile=t, halo=h, batch_size=cfg["encoder"]["batch_size"], precision=cfg["encoder"]["precision"])
@@ -52,13 +50,9 @@ def run_predict_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, mod
                 status[task.key] = {"status": "ok"}
         except InputError:
             # isolate the broken field(s): redo field by field
-            for task in tasks:
-                try:
-                    predict_maps(model, [task], **kw)
-                    status[task.key] = {"status": "ok"}
-                except InputError as e:
-                    status[task.key] = {"status": "failed", "error": str(e)}
-                    traceback.print_exc()
+            status.update(run_units([(task.key, task) for task in tasks],
+                                    lambda task: (predict_maps(model, [task], **kw), {"status": "ok"})[1],
+                                    f"predict {batch} field by field"))
     result = {"batch": batch, "device": str(model.device), "fields": status}
     write_json_atomic(marker, result)
     return result

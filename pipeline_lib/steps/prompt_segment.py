@@ -7,21 +7,19 @@ With ``predictions`` set, APG takes its maps from that store and runs only SAM (
 from __future__ import annotations
 
 import os
-import sys
 import time
-import traceback
 from typing import Any
 
 import numpy as np
 import zarr
-from tqdm import tqdm
 
 from ..config import amg_params, apg_params
 from ..embed.predict import embed_field
 from ..embed.prompt_decoder import PromptDecoder, decode_points
+from ..engine.runner import failed, run_units
 from ..instances.apg import amg_segment, apg_segment
-from ..io.ome_zarr import InputError
 from .model import load_resolved
+from .plan import recheck_field
 from .predict import field_task
 from .segment import write_batch_outputs, write_field_labels
 
@@ -72,15 +70,11 @@ def run_prompt_segment_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: s
     model = load_resolved(model_info, cfg["model"]["device"],
                           require_decoder=cfg["method"] == "apg" and not cfg["predictions"])
     decoder = PromptDecoder(model.sam)
-    status = {}
-    for f in tqdm(fields, desc=f"{cfg['method']} {batch} ({model.device})", unit="field", file=sys.stderr):
-        if "error" in f:
-            status[f["key"]] = {"status": "failed", "n_objects": 0, "error": f["error"]}
-            continue
-        try:
-            status[f["key"]], _ = segment_field_prompts(cfg, plan, f, model, decoder)
-        except (InputError, OSError, ValueError, KeyError) as e:
-            traceback.print_exc()
-            status[f["key"]] = {"status": "failed", "n_objects": 0, "error": f"{type(e).__name__}: {e}"}
+
+    def work(f: dict[str, Any]) -> dict[str, Any]:
+        return segment_field_prompts(cfg, plan, recheck_field(cfg, plan, f), model, decoder)[0]
+
+    status = run_units([(f["key"], f) for f in fields], work, f"{cfg['method']} {batch} ({model.device})",
+                       on_error=lambda f, err: failed(err, n_objects=0))
     return write_batch_outputs(batch, status, out_json, device=str(model.device),
                                method=cfg["method"])

@@ -6,7 +6,6 @@ import os
 import sys
 import tempfile
 import time
-import traceback
 from typing import Any
 
 import numpy as np
@@ -15,11 +14,15 @@ import zarr
 from tqdm import tqdm
 
 from ..config import ais_params
+from ..engine.runner import failed, run_units
 from ..instances.ais import ais_blockwise
+from ..io.locks import acquire_all, run_id
 from ..io.ngff import set_label_colors
-from ..io.ome_zarr import (InputError, Plane2DView, create_label_image, open_field, read_json,
+from ..io.ome_zarr import (Plane2DView, check_chunks, create_label_image, open_field, read_json,
                            spatial_label_axes, write_json_atomic)
 from ..io.pyramid import build_pyramid
+from ..tiling import block_grid
+from .plan import lock_path, recheck_field
 
 TABLE_COLUMNS = ["plate", "well", "row", "column", "field", "label", "area", "centroid_y", "centroid_x"]
 _SCRATCH_IN_MEMORY = 64 * 2**20  # pixels; above this the AIS scratch labels live in a zarr on disk
@@ -32,6 +35,7 @@ def _tmp_root(cfg: dict[str, Any]) -> str:
 
 
 def _label_group(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]):
+    acquire_all([(lock_path(f), f"labels/{cfg['labels']['name']} of {f['image']}")], run_id(cfg["output"]))
     img = open_field(plan["input"], f["path"])
     if cfg["labels"]["store"]:
         parent = zarr.open_group(os.path.dirname(os.path.dirname(f["labels"])), mode="a",
@@ -80,6 +84,7 @@ def write_field_labels(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, A
 
 def segment_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]) -> tuple[dict, pd.DataFrame]:
     maps = zarr.open_array(os.path.join(f["predictions"], "0"), mode="r")
+    check_chunks(maps, os.path.join(f["predictions"], "0"), cfg["missing_chunks"])
     img, group = _label_group(cfg, plan, f)
     level0 = group[img.datasets[0]["path"]]
     out = Plane2DView(level0)
@@ -90,8 +95,11 @@ def segment_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]) 
             scratch = zarr.create_array(os.path.join(tmp, "scratch.zarr"), shape=out.shape, dtype="uint64",
                                         chunks=(cfg["tiling"]["tile"],) * 2, fill_value=0)
         t0 = time.time()
+        n_blocks = len(block_grid(out.shape, cfg["tiling"]["tile"]))
+        bar = stack.enter_context(tqdm(total=2 * n_blocks, desc=f"  AIS {f['key']}", unit="block", leave=False,
+                                       file=sys.stderr, disable=n_blocks < 4))  # progress within a big field
         res = ais_blockwise(maps, out, ais_params(cfg), block=cfg["tiling"]["tile"], halo=cfg["tiling"]["halo"],
-                            scratch=scratch)
+                            scratch=scratch, progress=lambda name, i: bar.update())
     finish_labels(img, group, res["label"])
     table = label_table(f, res["label"], res["area"], res["centroid"])
     info = {"status": "ok" if res["n_objects"] else "empty", "n_objects": res["n_objects"],
@@ -104,17 +112,14 @@ def run_segment_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, pre
     """Segment every field of ``batch``; failures are recorded per field and do not stop the others."""
     fields = [plan["fields"][i] for i in plan["batches"][batch]]
     upstream = read_json(predict_marker)["fields"] if predict_marker else {}
-    status = {}
-    for f in tqdm(fields, desc=f"segment {batch}", unit="field", file=sys.stderr):
+    def work(f: dict[str, Any]) -> dict[str, Any]:
         prior = upstream.get(f["key"], {})
-        if "error" in f or prior.get("status") == "failed":
-            status[f["key"]] = {"status": "failed", "n_objects": 0, "error": f.get("error") or prior.get("error")}
-            continue
-        try:
-            status[f["key"]], _ = segment_field(cfg, plan, f)
-        except (InputError, OSError, ValueError, KeyError) as e:
-            traceback.print_exc()
-            status[f["key"]] = {"status": "failed", "n_objects": 0, "error": f"{type(e).__name__}: {e}"}
+        if prior.get("status") == "failed":
+            return failed(prior.get("error"), n_objects=0)
+        return segment_field(cfg, plan, recheck_field(cfg, plan, f))[0]
+
+    status = run_units([(f["key"], f) for f in fields], work, f"segment {batch}",
+                       on_error=lambda f, err: failed(err, n_objects=0))
     return write_batch_outputs(batch, status, out_json)
 
 

@@ -7,22 +7,19 @@ halo strips the stitching compares) plus the piece counts. The batch's JSON mark
 from __future__ import annotations
 
 import os
-import sys
 import time
-import traceback
 from typing import Any
 
 import numpy as np
 import zarr
-from tqdm import tqdm
 
 from ..config import ais_params
+from ..engine.runner import failed, run_units
 from ..instances.ais import ais_single
-from ..io.ome_zarr import InputError, read_region, write_atomic, write_json_atomic
+from ..io.ome_zarr import read_region, write_atomic, write_json_atomic
 from ..io.volume import Volume3D, read_volume_maps
 from ..stitch.tile_match import intersect, local, split_unit
 from ..stitch.volume_grid import VolumeGrid
-from ..tiling import Block
 from .volume_plan import open_volume, plan_grid
 
 
@@ -115,23 +112,21 @@ def run_volume_segment_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: s
     maps = read_volume_maps(plan["predictions_root"]) if plan["predictions_root"] else None
     seg = SliceSegmenter(cfg, open_volume(plan, cfg["channel"]), maps, model_info)
     scratch = zarr.open_array(os.path.join(plan["scratch"], "pieces.zarr"), mode="r+")
-    blocks: dict[str, Any] = {}
     todo = [(s, t) for s in plan["batches"][batch] for t in range(grid.n_tiles)]
-    for s, t in tqdm(todo, desc=f"segment slices {batch} ({seg.device})", unit="block", file=sys.stderr):
-        name = grid.block_name(s, t)
+
+    def work(st: tuple[int, int]) -> dict[str, Any]:
         t0 = time.time()
-        z0, z1 = grid.slab(s)
-        tile: Block = grid.tiles[t]
-        try:
-            labels = seg.block(z0, z1, tile.outer)
-            counts = write_block(plan, grid, scratch, s, t, labels)
-            blocks[name] = {"status": "ok" if sum(counts) else "empty", "counts": counts,
-                            "seconds": round(time.time() - t0, 3)}
-        except (InputError, OSError, ValueError) as e:
-            traceback.print_exc()
-            counts = write_block(plan, grid, scratch, s, t, None)
-            blocks[name] = {"status": "failed", "counts": counts, "z": [z0, z1],
-                            "yx": [[sl.start, sl.stop] for sl in tile.inner], "error": f"{type(e).__name__}: {e}"}
+        labels = seg.block(*grid.slab(st[0]), grid.tiles[st[1]].outer)
+        counts = write_block(plan, grid, scratch, *st, labels)
+        return {"status": "ok" if sum(counts) else "empty", "counts": counts, "seconds": round(time.time() - t0, 3)}
+
+    def on_error(st: tuple[int, int], err: str) -> dict[str, Any]:
+        counts = write_block(plan, grid, scratch, *st, None)
+        return failed(err, counts=counts, z=list(grid.slab(st[0])),
+                      yx=[[sl.start, sl.stop] for sl in grid.tiles[st[1]].inner])
+
+    blocks = run_units([(grid.block_name(*st), st) for st in todo], work,
+                       f"segment slices {batch} ({seg.device})", unit="block", on_error=on_error)
     result = {"batch": batch, "device": seg.device, "method": cfg["method"], "blocks": blocks}
     write_json_atomic(out_json, result)
     return result
