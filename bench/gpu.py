@@ -113,6 +113,15 @@ def time_encoder(enc, x: torch.Tensor, precision: str, repeats: int, deadline: f
     return best if best < float("inf") else dt
 
 
+def _rate(a: float, b: float, unit: str = "") -> str:
+    return "OOM" if a != a or b != b else f"{a / b:.2f}{unit}"
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
@@ -142,19 +151,25 @@ def bench_encoder(args, device: torch.device, budget: Budget) -> list[list[str]]
                         torch.cuda.reset_peak_memory_stats(device)
                     t_ours = time_encoder(ours, x, precision, args.repeats, deadline)
                     peak = _peak_mb(device)
-                    t_stock = time_encoder(stock, x, precision, args.repeats, deadline)
                 except Exception as e:  # noqa: BLE001 - OOM ends the batch search
                     if _is_oom(e):
-                        torch.cuda.empty_cache() if device.type == "cuda" else None
+                        _free(device)
                         break
                     raise
+                try:
+                    t_stock = time_encoder(stock, x, precision, args.repeats, deadline)
+                except Exception as e:  # noqa: BLE001 - stock may run out of memory where ours does not
+                    if not _is_oom(e):
+                        raise
+                    _free(device)
+                    t_stock = float("nan")
                 rate = b / t_ours
                 if b == 1:
-                    rows.append([name, precision, "1", f"{1 / t_stock:.2f}", f"{rate:.2f}", f"{t_stock / t_ours:.2f}x", peak])
+                    rows.append([name, precision, "1", _rate(1, t_stock), f"{rate:.2f}", _rate(t_stock, t_ours, "x"), peak])
                 elif rate < 1.05 * last:
                     break
                 else:
-                    picked = [name, precision, str(b), f"{b / t_stock:.2f}", f"{rate:.2f}", f"{t_stock / t_ours:.2f}x", peak]
+                    picked = [name, precision, str(b), _rate(b, t_stock), f"{rate:.2f}", _rate(t_stock, t_ours, "x"), peak]
                 last = max(last, rate)
                 del x
             if picked:
@@ -165,6 +180,102 @@ def bench_encoder(args, device: torch.device, budget: Budget) -> list[list[str]]
         except Exception as e:  # noqa: BLE001 - report and go on with the next shape
             traceback.print_exc()
             rows.append([name, precision, "-", "error", type(e).__name__, str(e)[:60], "-"])
+    return rows
+
+
+def write_random_model(directory: Path, model_type: str) -> dict[str, str]:
+    """A random-weight SAM + decoder in the published file layout (``tiny`` = the tiny test model), written
+    the way ``models.tiny`` writes the tiny one, so that it loads through ``models.loading``."""
+    from pipeline_lib.models.tiny import TINY_LOGIT_SCALE, write_tiny_model
+    if model_type == "tiny":
+        return write_tiny_model(directory)
+    from segment_anything.build_sam import _build_sam
+    from pipeline_lib.models.loading import InstanceDecoder
+    torch.manual_seed(0)
+    sam = _build_sam(checkpoint=None, **ARCH[model_type])
+    with torch.no_grad():
+        for mlp in sam.mask_decoder.output_hypernetworks_mlps:  # non-degenerate mask logits, as the tiny model
+            mlp.layers[-1].weight *= TINY_LOGIT_SCALE
+            mlp.layers[-1].bias *= TINY_LOGIT_SCALE
+    decoder = InstanceDecoder(sam.image_encoder, None, use_conv_transpose=False, initial_features=64)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(sam.state_dict(), directory / "sam.pt")
+    torch.save(decoder.decoder_state_dict(), directory / "decoder.pt")
+    return {"checkpoint": str(directory / "sam.pt"), "decoder": str(directory / "decoder.pt")}
+
+
+def run_method(args, method: str, workdir: Path) -> dict:
+    """(child process) One method over the first ``args.fields`` fields of a copy of the plate, one job."""
+    from pipeline_lib.config import validate_config
+    from pipeline_lib.steps.model import resolve_model
+    from pipeline_lib.steps.plan import write_plan
+    plate = workdir / "plate.ome.zarr"
+    if not plate.exists():
+        shutil.copytree(PLATE, plate)
+    files = write_random_model(workdir / f"model_{args.model_type}", args.model_type)
+    out = workdir / f"out_{method}"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = validate_config({"input": str(plate), "output": str(out), "method": method,
+                           "labels": {"name": f"bench_{method}"},
+                           "model": {**files, "device": args.device},
+                           "encoder": {"batch_size": args.e2e_batch, "precision": args.e2e_precision},
+                           "batching": {"fields_per_job": 10**6}})
+    plan = write_plan(cfg, str(out / "plan.json"))
+    plan["batches"] = {"b0000": list(range(min(args.fields, len(plan["fields"]))))}
+    info = resolve_model(cfg, progress=False)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    if method == "ais":
+        from pipeline_lib.steps.predict import run_predict_batch
+        from pipeline_lib.steps.segment import run_segment_batch
+        marker = str(out / "predict.json")
+        res = run_predict_batch(cfg, plan, "b0000", info, marker)
+        t_pred = time.perf_counter() - t0
+        seg = run_segment_batch(cfg, plan, "b0000", marker, str(out / "segment.json"))
+        fields = seg["fields"]
+        extra = {"segment_s": round(time.perf_counter() - t0 - t_pred, 2)}
+    else:
+        from pipeline_lib.steps.prompt_segment import run_prompt_segment_batch
+        res = run_prompt_segment_batch(cfg, plan, "b0000", info, str(out / "prompt.json"))
+        fields, extra = res["fields"], {}
+    wall = time.perf_counter() - t0
+    n_ok = sum(v["status"] in ("ok", "empty") for v in fields.values())
+    return {"method": method, "fields": len(fields), "ok": n_ok, "wall_s": wall, "timing": res.get("timing", {}),
+            "n_objects": sum(v.get("n_objects", 0) for v in fields.values()), "peak_mb": _peak_mb(device), **extra}
+
+
+def bench_pipeline(args, device: torch.device, budget: Budget, methods: list[str]) -> list[list[str]]:
+    """Each method in a child process under its share of the budget (killed when it runs over)."""
+    import json
+    import subprocess
+    rows = []
+    if not PLATE.exists():
+        return [[m, "-", "-", "-", "-", f"plate not found: {PLATE}", "-"] for m in methods]
+    with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
+        for i, method in enumerate(methods):
+            limit = max(10.0, budget.left() / (len(methods) - i) - 5)
+            cmd = [sys.executable, __file__, *args.argv, "--child", method, "--workdir", tmp]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit,
+                                      env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                          [str(REPO), os.environ.get("PYTHONPATH", "")])})
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+                if proc.returncode or not lines:
+                    rows.append([method, "-", "-", "-", "-", "failed: " + proc.stderr.strip()[-200:].replace("\n", " "), "-"])
+                    continue
+                r = json.loads(lines[-1])
+            except subprocess.TimeoutExpired:
+                rows.append([method, "-", f"> {limit:.0f}", "-", "-", "time limit", "-"])
+                continue
+            t = r["timing"]
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in t.get("stages_s", {}).items())
+            if "segment_s" in r:
+                stages += f", AIS segment (CPU) {r['segment_s']:.1f}"
+            busy = t.get("device_busy_fraction")
+            rows.append([method, f"{r['ok']}/{r['fields']}", f"{r['wall_s']:.1f}", f"{r['fields'] / r['wall_s']:.3f}",
+                         "-" if busy is None else f"{100 * busy:.0f} % of {t['wall_s']:.1f} s", stages, str(r["peak_mb"])])
     return rows
 
 
@@ -180,22 +291,31 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--small", action="store_true", help="CPU smoke setting: ViT-B only, fewer fields")
+    ap.add_argument("--small", action="store_true",
+                    help="CPU smoke setting: ViT-B encoder only at batch 1, 1 timed call; tiny model on 2 fields")
     ap.add_argument("--budget-s", type=float, default=450.0, help="wall-clock bound of the whole run")
     ap.add_argument("--sections", default="encoder,apg,ais")
     ap.add_argument("--models", default=None, help="encoder shapes (default vit_b,vit_l,vit_h; vit_b with --small)")
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--img-size", type=int, default=1024)
     ap.add_argument("--depth", type=int, default=None, help="encoder blocks (default: the published depth)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls after the warm-up (3; 1 with --small)")
     ap.add_argument("--max-batch", type=int, default=None, help="largest batch tried (default 32, 1 with --small)")
     ap.add_argument("--no-pick-batch", dest="pick_batch", action="store_false")
     ap.add_argument("--compile", action="store_true", help="torch.compile our encoder")
     ap.add_argument("--encoder-share", type=float, default=0.5, help="share of the budget for the encoder section")
     ap.add_argument("--fields", type=int, default=None, help="plate fields for apg/ais (default 28, 2 with --small)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--model-type", default=None, help="model for apg/ais (default vit_b)")
+    ap.add_argument("--model-type", default=None, help="random model for apg/ais: vit_b/vit_l/vit_h or tiny "
+                    "(default vit_b; tiny with --small)")
+    ap.add_argument("--e2e-batch", type=int, default=None, help="encoder.batch_size for apg/ais (default 8)")
+    ap.add_argument("--e2e-precision", default="fp32", help="encoder.precision for apg/ais")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.repeats is None:
+        args.repeats = 1 if args.small else 3
     if args.models is None:
         args.models = "vit_b" if args.small else "vit_b,vit_l,vit_h"
     if args.max_batch is None:
@@ -203,7 +323,9 @@ def parse_args(argv=None):
     if args.fields is None:
         args.fields = 2 if args.small else 28
     if args.model_type is None:
-        args.model_type = "vit_b"
+        args.model_type = "tiny" if args.small else "vit_b"
+    if args.e2e_batch is None:
+        args.e2e_batch = 8
     return args
 
 
@@ -212,6 +334,10 @@ def main(argv=None) -> int:
     budget = Budget(args.budget_s)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.child:
+        import json
+        print(json.dumps(run_method(args, args.child, Path(args.workdir))))
+        return 0
     device = torch.device(args.device)
     desc = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"bench/gpu.py on {desc}, torch {torch.__version__}, budget {args.budget_s:.0f} s")
@@ -229,7 +355,8 @@ def main(argv=None) -> int:
     if e2e:
         try:
             rows = bench_pipeline(args, device, budget, e2e)
-            print_table("End to end through the library (random-weight full-size model), real plate",
+            print_table(f"End to end through the library, random-weight {args.model_type} model, "
+                        f"encoder batch {args.e2e_batch}, {args.e2e_precision}, real plate",
                         ["method", "fields", "seconds", "fields/s", "device busy", "stage split (s)", "peak MB"], rows)
         except Exception:  # noqa: BLE001
             traceback.print_exc()

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from ..config import amg_params, apg_params
 from ..embed.predict import embed_prepared, prepare_field
-from ..engine.overlap import DeviceClock, StageTimes, run_pipeline, timing_line
 from ..embed.prompt_decoder import PromptDecoder, decode_points
+from ..engine.overlap import DeviceClock, StageTimes, run_pipeline, timing_line
 from ..instances.apg import amg_segment, apg_segment
 from ..io.ome_zarr import InputError
 from .model import load_resolved
