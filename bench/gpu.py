@@ -16,7 +16,7 @@ run is bounded by ``--budget-s``):
 
 Peak GPU memory is printed per row on CUDA.
 
-    python bench/gpu.py                       # on a GPU node (< 8 min on one H100/H200)
+    python bench/gpu.py                       # on a GPU node (bounded by --budget-s 450; not yet run on one)
     python bench/gpu.py --device cpu --small  # a few minutes on a laptop-class CPU
 """
 from __future__ import annotations

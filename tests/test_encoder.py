@@ -88,3 +88,21 @@ def test_loading_swaps_encoder_and_keeps_names(tmp_path):
     x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(fast.sam.image_encoder(x), stock.sam.image_encoder(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_encoder_equals_eager(tmp_path):
+    """``encoder.compile`` (torch.compile through load_model_files) gives the eager outputs (CPU inductor
+    needs a C++ compiler; compiling takes tens of seconds, hence slow)."""
+    import shutil
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler for torch.compile on CPU")
+    from pipeline_lib.models.loading import load_model_files
+    from pipeline_lib.models.tiny import write_tiny_model
+    files = write_tiny_model(tmp_path)
+    eager = load_model_files(files["checkpoint"], device="cpu")
+    compiled = load_model_files(files["checkpoint"], device="cpu", compile=True)
+    assert list(compiled.sam.state_dict()) == list(eager.sam.state_dict())
+    x = torch.randn(2, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.sam.image_encoder(x), eager.sam.image_encoder(x), rtol=1e-4, atol=1e-4)
