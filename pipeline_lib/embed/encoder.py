@@ -6,8 +6,8 @@ separate ops, so every block writes and re-reads two N x N matrices per head. He
 formed as one additive bias and passed to ``F.scaled_dot_product_attention`` as ``attn_mask``: PyTorch
 fuses scale, bias, softmax and the value product in one kernel (memory-efficient attention on CUDA, the
 flash kernel on CPU). The windows of all images of a batch are attended in one call (B * 25 windows of
-14 x 14 for a 1024 input); global blocks are attended in chunks of images so that the bias stays below
-``GLOBAL_BIAS_ELEMENTS``. The arithmetic is the published one (same padding of the 64 x 64 grid to 70 x 70,
+14 x 14 for a 1024 input); a call is split into chunks (of images for global blocks, of windows beyond
+about 23 ViT-B tiles per batch) only where its bias would exceed ``GLOBAL_BIAS_ELEMENTS``. The arithmetic is the published one (same padding of the 64 x 64 grid to 70 x 70,
 padded tokens attended as in SAM), so outputs equal segment_anything's up to float rounding (tests/
 test_encoder.py, ViT-B/L/H shapes, fp32 and bf16).
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GLOBAL_BIAS_ELEMENTS = 2**28  # at most this many bias elements (1 GiB in fp32) per global-attention call
+GLOBAL_BIAS_ELEMENTS = 2**28  # at most this many bias elements (1 GiB in fp32) per attention call
 
 
 def _rel_tables(attn: nn.Module, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
