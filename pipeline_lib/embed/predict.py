@@ -141,6 +141,101 @@ def embed_field(model: SamModel, task: FieldTask, tile: int = 512, halo: int = 6
     return embed_tasks(model, [task], tile, halo, batch_size, precision, with_maps)[0]
 
 
+def prepare_field(task: FieldTask, tile: int, halo: int) -> list[_Tile]:
+    """Read and preprocess every tile of one field (``block_grid`` order): the reader stage of a pipeline."""
+    return [_prepare(task, blk) for blk in block_grid(task.image.shape, tile, halo)]
+
+
+def _device_busy(clock):
+    return clock.busy() if clock is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def embed_prepared(model: SamModel, tiles: list[_Tile], batch_size: int = 8, precision: str = "fp32",
+                   with_maps: bool = True, clock=None) -> tuple[torch.Tensor, np.ndarray | None]:
+    """Embeddings (T, C, 64, 64, on the device) and, with ``with_maps``, float32 maps (3, Y, X) of one
+    field's prepared tiles; the same batches and arithmetic as ``embed_tasks`` for that field alone.
+    ``clock`` (``engine.overlap.DeviceClock``) times the device calls."""
+    device = model.device
+    task = tiles[0].task
+    maps = np.zeros((3,) + tuple(task.image.shape), np.float32) if with_maps else None
+    embs = []
+    for i in range(0, len(tiles), batch_size):
+        batch = tiles[i:i + batch_size]
+        with _device_busy(clock):
+            x = normalize_and_pad([t.pixels for t in batch], device)
+            with _autocast(device, precision):
+                emb = model.sam.image_encoder(x)
+                raw = model.decoder.forward_features(emb) if with_maps else None
+            embs.append(emb.float())
+            if with_maps:
+                _place_maps(model, raw.float(), batch, lambda t, m: maps.__setitem__(
+                    (slice(None),) + t.block.inner, m[(slice(None),) + t.block.inner_local]))
+    return torch.cat(embs), maps
+
+
+def predict_stages(model: SamModel, tile: int = 512, halo: int = 64, precision: str = "fp32",
+                   failed: dict[str, str] | None = None, clock=None,
+                   progress: Callable[[int], None] | None = None) -> list[tuple[str, Callable]]:
+    """The stages of ``predict_maps`` for ``engine.overlap.run_pipeline`` over batches of (task, block):
+    read + preprocess, device (encoder, decoder, resampling), write of the inner regions.
+
+    A tile that cannot be read or written fails its field (``failed[key] = message``); the field's other
+    tiles are skipped and the other fields go on.
+    """
+    failed = {} if failed is None else failed
+    from ..io.ome_zarr import InputError
+
+    def read(items: list[tuple[FieldTask, Block]]) -> list[_Tile]:
+        out = []
+        for task, blk in items:
+            if task.key in failed:
+                continue
+            try:
+                out.append(_prepare(task, blk))
+            except (InputError, OSError) as e:
+                failed[task.key] = str(e)
+        return out
+
+    def device_stage(batch: list[_Tile]) -> list[tuple[_Tile, np.ndarray]]:
+        if not batch:
+            return []
+        placed = []
+        with _device_busy(clock):
+            x = normalize_and_pad([t.pixels for t in batch], model.device)
+            with _autocast(model.device, precision):
+                raw = model.decoder.forward_features(model.sam.image_encoder(x))
+            _place_maps(model, raw.float(), batch, lambda t, m: placed.append(
+                (t, m[(slice(None),) + t.block.inner_local].astype(np.float16))))
+        return placed
+
+    def write(placed: list[tuple[_Tile, np.ndarray]]) -> int:
+        for t, m in placed:
+            if t.task.key in failed:
+                continue
+            try:
+                t.task.out[(slice(None),) + t.block.inner] = m
+            except (OSError, ValueError) as e:
+                failed[t.task.key] = f"{t.task.key}: could not write predictions ({type(e).__name__}: {e})"
+        if progress:
+            progress(len(placed))
+        return len(placed)
+
+    return [("read", read), ("device", device_stage), ("write", write)]
+
+
+def tile_batches(tasks: Iterable[FieldTask], tile: int, halo: int, batch_size: int) -> Iterator[list]:
+    """(task, block) pairs of all tasks in ``batch_size`` chunks, as ``predict_maps`` batches them."""
+    chunk: list = []
+    for item in _tiles(tasks, tile, halo):
+        chunk.append(item)
+        if len(chunk) == batch_size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 @torch.no_grad()
 def predict_maps(model: SamModel, tasks: Sequence[FieldTask], tile: int = 512, halo: int = 64,
                  batch_size: int = 8, precision: str = "fp32",

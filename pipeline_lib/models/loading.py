@@ -100,8 +100,12 @@ def _encoder_architecture(sam_state: dict) -> dict:
             "encoder_global_attn_indexes": global_idx}
 
 
-def build_sam(sam_state: dict) -> tuple[torch.nn.Module, str]:
-    """A SAM module with the architecture read off ``sam_state`` and those weights loaded."""
+def build_sam(sam_state: dict, encoder: str = "sdpa") -> tuple[torch.nn.Module, str]:
+    """A SAM module with the architecture read off ``sam_state`` and those weights loaded.
+
+    ``encoder="sdpa"`` swaps segment_anything's ViT encoder for the restructured one
+    (``embed.encoder``: same parameter names, same outputs up to float rounding); ``"stock"`` keeps it.
+    """
     model_type = sniff_model_type(sam_state)
     if model_type == "vit_t":
         try:
@@ -114,6 +118,9 @@ def build_sam(sam_state: dict) -> tuple[torch.nn.Module, str]:
     else:
         from segment_anything.build_sam import _build_sam
         sam = _build_sam(checkpoint=None, **_encoder_architecture(sam_state))
+        if encoder == "sdpa":
+            from ..embed.encoder import accelerate_encoder
+            sam.image_encoder = accelerate_encoder(sam.image_encoder)
     missing, unexpected = sam.load_state_dict(sam_state, strict=False)
     if missing or unexpected:
         raise ModelLoadError(f"SAM weights do not fit a {model_type} model: missing {missing[:5]}, "
@@ -204,15 +211,19 @@ def select_device(device: str | None = "auto") -> torch.device:
 
 def load_model_files(checkpoint: str | os.PathLike, decoder: str | os.PathLike | None = None,
                      device: str | None = "auto", name: str | None = None,
-                     require_decoder: bool = False) -> SamModel:
-    """Load SAM (+ decoder) from local files in any published layout."""
+                     require_decoder: bool = False, encoder: str = "sdpa", compile: bool = False) -> SamModel:
+    """Load SAM (+ decoder) from local files in any published layout.
+
+    ``encoder``: ``"sdpa"`` (default, ``embed.encoder``) or ``"stock"`` (segment_anything's module);
+    ``compile``: ``torch.compile`` the image encoder in place (config ``encoder.compile``).
+    """
     state = _torch_load(checkpoint)
     if not isinstance(state, dict):
         raise ModelLoadError(f"'{checkpoint}' does not hold a state dict.")
     sam_state, decoder_state = split_checkpoint(state)
     if decoder is not None:
         decoder_state = _torch_load(decoder)
-    sam, model_type = build_sam(sam_state)
+    sam, model_type = build_sam(sam_state, encoder)
     dec = None
     if decoder_state is not None:
         dec = InstanceDecoder(sam.image_encoder, decoder_state)
@@ -224,6 +235,9 @@ def load_model_files(checkpoint: str | os.PathLike, decoder: str | os.PathLike |
     sam.eval().to(dev)
     if dec is not None:
         dec.eval().to(dev)
+    if compile:
+        from ..embed.encoder import compile_encoder
+        compile_encoder(sam.image_encoder)
     files = {"checkpoint": str(checkpoint)}
     if decoder is not None:
         files["decoder"] = str(decoder)

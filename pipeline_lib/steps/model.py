@@ -68,6 +68,6 @@ def _resolve_model(cfg: dict[str, Any], progress: bool) -> dict[str, Any]:
     return ensure_published(m["name"], m.get("cache_dir"), progress=progress)
 
 
-def load_resolved(info: dict[str, Any], device: str, require_decoder: bool) -> SamModel:
+def load_resolved(info: dict[str, Any], device: str, require_decoder: bool, compile: bool = False) -> SamModel:
     return load_model_files(info["checkpoint"], info.get("decoder"), device=device, name=info.get("name"),
-                            require_decoder=require_decoder)
+                            require_decoder=require_decoder, compile=compile)

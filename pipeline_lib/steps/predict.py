@@ -1,15 +1,22 @@
-"""Predict decoder maps for one batch of fields (one GPU job, model loaded once)."""
+"""Predict decoder maps for one batch of fields (one GPU job, model loaded once).
+
+Tile batches flow through a bounded pipeline (``engine.overlap``): a reader thread reads and preprocesses
+the next batch and a writer thread writes the previous batch's maps while the device works on the
+current one. The device-busy fraction and the stage split go into the job's marker and log.
+"""
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any
 
 import zarr
 from tqdm import tqdm
 
-from ..embed.predict import FieldTask, field_value_range, predict_maps
+from ..embed.predict import FieldTask, field_value_range, predict_stages, tile_batches
+from ..engine.overlap import DeviceClock, StageTimes, run_pipeline, timing_line
 from ..engine.runner import run_units
-from ..io.ome_zarr import InputError, Plane2D, create_predictions_image, open_field, write_json_atomic
+from ..io.ome_zarr import Plane2D, create_predictions_image, open_field, write_json_atomic
 from ..tiling import block_grid
 from .model import load_resolved
 from .plan import recheck_field
@@ -28,11 +35,27 @@ def field_task(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any],
     return FieldTask(f["key"], plane, out, vr)
 
 
+def predict_tasks(model, tasks: list[FieldTask], tile: int, halo: int, batch_size: int, precision: str,
+                  overlap: bool = True, progress=None) -> tuple[dict[str, str], dict[str, Any]]:
+    """Fill ``task.out`` of every task; (failed key -> message, timing record). ``overlap=False`` runs the
+    same stages one batch after the other."""
+    failed: dict[str, str] = {}
+    clock, times = DeviceClock(model.device), StageTimes()
+    stages = predict_stages(model, tile, halo, precision, failed, clock, progress)
+    outs = run_pipeline(tile_batches(tasks, tile, halo, batch_size), stages, depth=1, threaded=overlap, times=times)
+    with contextlib.closing(outs):
+        for out in outs:
+            if out.error is not None:
+                raise out.error
+    return failed, {**clock.report(times), "overlap": overlap}
+
+
 def run_predict_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, model_info: dict[str, Any],
-                      marker: str) -> dict[str, Any]:
+                      marker: str, overlap: bool = True) -> dict[str, Any]:
     """Write predictions for every field of ``batch``; a field that fails is reported, the others finish."""
     fields = [plan["fields"][i] for i in plan["batches"][batch]]
-    model = load_resolved(model_info, cfg["model"]["device"], require_decoder=True)
+    model = load_resolved(model_info, cfg["model"]["device"], require_decoder=True,
+                          compile=cfg["encoder"]["compile"])
     tasks = []
 
     def prepare(f: dict[str, Any]) -> dict[str, Any]:
@@ -42,17 +65,12 @@ def run_predict_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, mod
     status = run_units([(f["key"], f) for f in fields], prepare, f"open {batch}")
     t, h = cfg["tiling"]["tile"], cfg["tiling"]["halo"]
     n_tiles = sum(len(block_grid(task.image.shape, t)) for task in tasks)
-    kw = dict(tile=t, halo=h, batch_size=cfg["encoder"]["batch_size"], precision=cfg["encoder"]["precision"])
     with tqdm(total=n_tiles, desc=f"predict {batch} ({model.device})", unit="tile", file=sys.stderr) as bar:
-        try:
-            predict_maps(model, tasks, progress=bar.update, **kw)
-            for task in tasks:
-                status[task.key] = {"status": "ok"}
-        except InputError:
-            # isolate the broken field(s): redo field by field
-            status.update(run_units([(task.key, task) for task in tasks],
-                                    lambda task: (predict_maps(model, [task], **kw), {"status": "ok"})[1],
-                                    f"predict {batch} field by field"))
-    result = {"batch": batch, "device": str(model.device), "fields": status}
+        failed, timing = predict_tasks(model, tasks, t, h, cfg["encoder"]["batch_size"], cfg["encoder"]["precision"],
+                                       overlap, bar.update)
+    for task in tasks:
+        status[task.key] = {"status": "failed", "error": failed[task.key]} if task.key in failed else {"status": "ok"}
+    print(timing_line(f"predict {batch}", timing), file=sys.stderr)
+    result = {"batch": batch, "device": str(model.device), "timing": timing, "fields": status}
     write_json_atomic(marker, result)
     return result
