@@ -18,9 +18,10 @@ from pipeline_lib.steps.plan import write_plan
 from pipeline_lib.steps.volume_relabel import aggregate_volume, run_volume_relabel_batch
 from pipeline_lib.steps.volume_segment import run_volume_segment_batch
 from pipeline_lib.steps.volume_stitch import run_volume_edges_batch, run_volume_merge
-from pipeline_lib.stitch.merge3d import Merge3DParams, merge_slices_3d
+from pipeline_lib.stitch.merge3d import merge_slices_3d
 from pipeline_lib.instances.ais import ais_single
-from pipeline_lib.config import ais_params
+from pipeline_lib.instances.ais3d import ais_stack
+from pipeline_lib.config import ais_params, merge3d_params
 
 GONUCLEAR = SHARED / "gonuclear_3d_nuclei_mini"
 
@@ -41,9 +42,27 @@ def run_volume_steps(cfg: dict) -> dict:
         run_volume_edges_batch(cfg, plan, b, segs, p)
     run_volume_merge(cfg, plan, segs, edges, f"{out}/volume/lut.npy", f"{out}/volume/merge.json")
     for b, p in zip(plan["batches"], tabs):
-        run_volume_relabel_batch(cfg, plan, b, segs, f"{out}/volume/lut.npy", p[:-8] + ".json", p)
+        run_volume_relabel_batch(cfg, plan, b, segs, f"{out}/volume/lut.npy", p[:-8] + ".json", p,
+                                 f"{out}/volume/merge.json")
     return aggregate_volume(cfg, plan, model, segs, f"{out}/volume/merge.json", tabs, f"{out}/summary.json",
                             f"{out}/objects.parquet")
+
+
+def in_memory_reference(maps: np.ndarray, cfg: dict, anisotropy: float) -> np.ndarray:
+    """The untiled reference of the volume workflow: AIS of the whole stack (volume.instances: stack) or of
+    every slice on its own (slices), ids made unique across slices, then merge_slices_3d."""
+    from dataclasses import replace
+    cfg = validate_config({"input": "x", "output": "y", **cfg})
+    p = ais_params(cfg)
+    m = np.asarray(maps, np.float32)
+    if cfg["volume"]["instances"] == "stack":
+        per = ais_stack(m, p, anisotropy).astype(np.int64)
+    else:
+        per = np.stack([ais_single(m[:, z], p) for z in range(m.shape[1])]).astype(np.int64)
+    top = per.reshape(len(per), -1).max(axis=1)
+    off = np.concatenate([[0], np.cumsum(top)[:-1]])
+    stack = np.where(per > 0, per + off[:, None, None], 0)
+    return merge_slices_3d(stack, replace(merge3d_params(cfg), anisotropy=anisotropy))
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +101,11 @@ def test_small_blocks_equal_one_block(synthetic_volume):
     assert segmentation_scores(a, b)["msa"] >= 0.99
     gt = _labels(d, "nuclei_gt")
     assert segmentation_scores(a, gt)["sa50"] >= 0.9
-    # one block is the in-memory reference: per-slice AIS, then merge_slices_3d
+    # one block is the in-memory reference: AIS of the stack of per-slice maps, then merge_slices_3d
     maps = zarr.open_array(str(d / "pred.ome.zarr" / "0"), mode="r")
-    p = ais_params(validate_config({"input": "x", "output": "y"}))
-    stack = np.zeros(gt.shape, np.int64)
-    offset = 0
-    for z in range(gt.shape[0]):
-        lab = ais_single(np.asarray(maps[:, z], np.float32), p).astype(np.int64)
-        stack[z] = np.where(lab > 0, lab + offset, 0)
-        offset = max(offset, int(stack[z].max()))
-    ref = merge_slices_3d(stack, Merge3DParams())
+    ref = in_memory_reference(maps[:], {}, anisotropy=2.0)  # voxel 0.5 x 0.25 x 0.25
     assert segmentation_scores(b, ref)["msa"] == 1.0
+    assert one["merge"]["anisotropy"] == 2.0 and one["merge"]["max_gap"] == small["merge"]["max_gap"] == 1  # data-derived
     # labels: NGFF metadata, uint32, pyramid sampled from level 0 (yx only, as the image)
     g = zarr.open_group(str(d / "vol.ome.zarr" / "labels" / "small"), mode="r")
     assert "image-label" in g.attrs and g["s0"].dtype == np.uint32
@@ -108,8 +121,10 @@ def test_small_blocks_equal_one_block(synthetic_volume):
 
 
 @pytest.mark.skipif(not GONUCLEAR.exists(), reason="real 3D nuclei not present")
-def test_real_nuclei_blockwise_equals_in_memory(tmp_path):
-    """gonuclear volume -> per-slice oracle maps -> small blocks (16 x 48 x 48, halo 24) vs in-memory merge."""
+@pytest.mark.parametrize("instances,min_msa", [("stack", 0.95), ("slices", 0.75)])
+def test_real_nuclei_blockwise_equals_in_memory(tmp_path, instances, min_msa):
+    """gonuclear volume -> per-slice oracle maps -> small blocks (16 x 48 x 48, halo 24) vs in-memory merge;
+    the stack AIS keeps the caps that per-slice AIS loses (measured on this volume: 1.000 vs 0.78)."""
     import tifffile
     from pipeline_lib.embed.oracle import oracle_maps
     from pipeline_lib.io.ome_zarr import write_ngff, versioned
@@ -125,23 +140,16 @@ def test_real_nuclei_blockwise_equals_in_memory(tmp_path):
     write_ngff(root, {"multiscales": [ms]}, "0.4")
     maps = create_volume_maps(zarr.open_group(str(tmp_path / "pred.ome.zarr"), mode="w", zarr_format=2), gt.shape,
                               (64, 64), "0.4")
-    slices = np.zeros(gt.shape, np.int64)
     m = np.zeros((3,) + gt.shape, np.float32)
     for z in range(gt.shape[0]):
         m[:, z] = oracle_maps(gt[z])
     maps[:] = m.astype(np.float16)
-    small = run_volume_steps(_cfg(tmp_path, "small", 48, 24, 16))
+    small = run_volume_steps(_cfg(tmp_path, "small", 48, 24, 16, instances=instances))
     lab = _labels(tmp_path, "small")
-    p = ais_params(validate_config({"input": "x", "output": "y"}))
-    offset = 0
-    for z in range(gt.shape[0]):
-        s = ais_single(m[:, z].astype(np.float16).astype(np.float32), p).astype(np.int64)
-        slices[z] = np.where(s > 0, s + offset, 0)
-        offset = max(offset, int(slices[z].max()))
-    ref = merge_slices_3d(slices, Merge3DParams())
-    assert small["grid"]["n_tiles"] == 9
+    ref = in_memory_reference(m.astype(np.float16), {"volume": {"instances": instances}}, 0.28 / 0.127)
+    assert small["grid"]["n_tiles"] == 9 and small["merge"]["max_gap"] == 2
     assert segmentation_scores(lab, ref)["msa"] >= 0.99
-    assert segmentation_scores(lab, gt)["msa"] >= 0.75  # AIS on per-slice oracle maps (measured 0.78)
+    assert segmentation_scores(lab, gt)["msa"] >= min_msa
 
 
 def test_failed_block_is_reported_and_others_finish(synthetic_volume, tmp_path):
@@ -266,18 +274,11 @@ def test_gap_across_slab_boundary_is_bridged_and_filled(synthetic_volume, tmp_pa
     shutil.copytree(synthetic_volume / "pred.ome.zarr", tmp_path / "pred.ome.zarr")
     maps = zarr.open_array(str(tmp_path / "pred.ome.zarr" / "0"), mode="r+")
     maps[0, 15:17] = 0
-    s = run_volume_steps(_cfg(tmp_path, "gap", 128, 32, 16))
+    fixed = {"merge": {"max_gap_scale": 0}}  # the gap as configured (2), not derived from the data (1 here)
+    s = run_volume_steps(_cfg(tmp_path, "gap", 128, 32, 16, **fixed))
     lab = _labels(tmp_path, "gap")
-    p = ais_params(validate_config({"input": "x", "output": "y"}))
-    m = np.asarray(maps[:], np.float32)
-    stack = np.zeros(lab.shape, np.int64)
-    offset = 0
-    for z in range(lab.shape[0]):
-        sl = ais_single(m[:, z], p).astype(np.int64)
-        stack[z] = np.where(sl > 0, sl + offset, 0)
-        offset = max(offset, int(stack[z].max()))
-    assert stack[15:17].max() == 0
-    ref = merge_slices_3d(stack, Merge3DParams())
+    ref = in_memory_reference(maps[:], {"volume": fixed}, anisotropy=2.0)
+    assert s["merge"]["max_gap"] == 2
     assert lab[15:17].max() > 0 and s["n_objects"] == len(np.unique(ref)) - 1
     assert segmentation_scores(lab, ref)["msa"] >= 0.99
     both = (lab[14] > 0) & (lab[14] == lab[17])
