@@ -197,6 +197,7 @@ def edge_costs(sizes: np.ndarray, node_z: np.ndarray, u: np.ndarray, v: np.ndarr
         np.maximum.at(area_vs_below, v[d], above[u[d]])
         np.maximum.at(area_vs_above, u[d], below[v[d]])
         drop = att & (area_vs_below[u] < params.taper * below[u]) & (area_vs_above[v] < params.taper * above[v])
+        drop = _one_cut_per_waist(n, u, v, cost, drop)
     if skip.any():
         d = ~skip & att & ~drop
         has_up = np.zeros(n, bool)
@@ -206,6 +207,21 @@ def edge_costs(sizes: np.ndarray, node_z: np.ndarray, u: np.ndarray, v: np.ndarr
         drop |= skip & (has_up[u] | has_down[v])
     keep = ~drop
     return u[keep], v[keep], cost[keep]
+
+
+def _one_cut_per_waist(n: int, u: np.ndarray, v: np.ndarray, cost: np.ndarray, drop: np.ndarray) -> np.ndarray:
+    """A node at the minimum of an area profile (the top cap of one object under a bigger bottom slice
+    of the next) can fail the waist test on its edges downwards and upwards; cutting both would leave it
+    alone. Keep the stronger side (the larger attractive cost) of such nodes, so the cut is made once."""
+    if not drop.any():
+        return drop
+    down = np.full(n, -np.inf)  # strongest dropped edge from below, per node
+    up = np.full(n, -np.inf)  # ... to above
+    np.maximum.at(down, v[drop], cost[drop])
+    np.maximum.at(up, u[drop], cost[drop])
+    both = np.isfinite(down) & np.isfinite(up)
+    restore = drop & ((both[v] & (down[v] >= up[v])) | (both[u] & (up[u] > down[u])))
+    return drop & ~restore
 
 
 def _multicut(n: int, u: np.ndarray, v: np.ndarray, cost: np.ndarray) -> np.ndarray:
