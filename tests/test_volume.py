@@ -213,23 +213,28 @@ def test_volume_workflow_snakemake(synthetic_volume, tmp_path):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("method", ["apg", "amg"])
+@pytest.mark.parametrize("method", ["apg", "amg", "ais"])
 def test_prompt_methods_on_a_volume(method, tiny_model, tmp_path):
     """APG (prompts from oracle maps) and AMG run slice x tile crops through SAM (tiny random model, CPU):
-    encoder batches across the slices of a block, prompt decoding, stitching and merge complete."""
+    encoder batches across the slices of a block, prompt decoding, stitching and merge complete. AIS without
+    predictions: the stack AIS encodes the block's slices and its z-halo and decodes their maps."""
     write_synthetic_volume(tmp_path / "vol.ome.zarr", shape=(6, 80, 72), predictions=str(tmp_path / "pred.ome.zarr"),
                            block=(6, 80, 72), chunk=40, channel_axis=False)
     cfg = _cfg(tmp_path, method, 48, 16, 4)
     cfg.update(method=method, model={"checkpoint": tiny_model["checkpoint"], "decoder": tiny_model["decoder"],
                                      "device": "cpu"}, encoder={"batch_size": 4})
-    if method == "amg":
+    if method in ("amg", "ais"):
         del cfg["predictions"]
+    if method == "amg":
         cfg["amg"] = {"points_per_side": 4, "pred_iou_threshold": -10.0, "stability_score_threshold": 0.0}
+    if method == "ais":  # random decoder: take everything as foreground and as seed
+        cfg["ais"] = {"foreground_threshold": 0.0, "center_distance_threshold": 1.0,
+                      "boundary_distance_threshold": 1.0}
     s = run_volume_steps(cfg)
     assert s["method"] == method and s["block_status_counts"].get("failed") is None
     assert s["grid"]["n_tiles"] == 4 and s["grid"]["n_slabs"] == 2
     lab = _labels(tmp_path, method)
-    assert lab.shape == (6, 80, 72) and s["n_objects"] == len(np.unique(lab)) - 1 > 0
+    assert lab.shape == (6, 80, 72) and s["n_objects"] == len(np.unique(lab[lab > 0])) > 0
 
 
 def test_tczyx_volume_and_bad_time_axis(tmp_path):

@@ -35,7 +35,12 @@ label 0 on both sides), so there is nothing to reproduce for ``with_background``
   v above; direct or skip) is not used when u's area is < ``taper`` x the area of its attractive
   partners one slice down AND v's area is < ``taper`` x that of its partners one slice up -- the
   top cap of one nucleus touching the bottom cap of the next one. A node's area counts all pieces
-  attached to the same partner, so the halves of a split 2D object do not look like a waist.
+  attached to the same partner, so the halves of a split 2D object do not look like a waist. A node at
+  the minimum of the profile (a small cap under a bigger slice of the next object) can fail the test on
+  both sides; only its weaker side is cut, so it stays with one of the two objects;
+* the gap derives from the data (``max_gap_scale``, :func:`resolve_max_gap`): skip edges only where the
+  objects span enough slices (expected z-extent from the 2D objects' sizes and the voxel anisotropy),
+  since with coarse z a skip chains stacked objects.
 
 The default ``beta=0.4`` lies between the overlap of two different touching objects (usually < 0.3)
 and that of a 2D object split into halves whose split lines differ in neighbouring slices (~0.5);
