@@ -105,7 +105,8 @@ def test_small_blocks_equal_one_block(synthetic_volume):
     maps = zarr.open_array(str(d / "pred.ome.zarr" / "0"), mode="r")
     ref = in_memory_reference(maps[:], {}, anisotropy=2.0)  # voxel 0.5 x 0.25 x 0.25
     assert segmentation_scores(b, ref)["msa"] == 1.0
-    assert one["merge"]["anisotropy"] == 2.0 and one["merge"]["max_gap"] == small["merge"]["max_gap"] == 1  # data-derived
+    assert one["merge"]["anisotropy"] == 2.0
+    assert one["merge"]["max_gap"] == small["merge"]["max_gap"] == 1  # derived from the data (configured: 2)
     # labels: NGFF metadata, uint32, pyramid sampled from level 0 (yx only, as the image)
     g = zarr.open_group(str(d / "vol.ome.zarr" / "labels" / "small"), mode="r")
     assert "image-label" in g.attrs and g["s0"].dtype == np.uint32

@@ -65,10 +65,11 @@ def make_volume_plan(cfg: dict[str, Any], layout: StoreLayout) -> dict[str, Any]
     slabs = list(range(grid.n_slabs))
     batches = {f"b{i // n:04d}": slabs[i:i + n] for i in range(0, len(slabs), n)}
     return {"input": root, "kind": "volume", "version": layout.version, "zarr_format": layout.zarr_format,
-            "shape": list(vol.shape), "dtype": str(vol.dtype), "voxel_size": voxel, "tile": grid.tile, "halo": grid.halo,
-            "z_block": grid.z_block, "n_slabs": grid.n_slabs, "n_tiles": grid.n_tiles, "predictions_root": pred,
-            "labels_root": lab_root, "labels": os.path.join(lab_root, "labels", cfg["labels"]["name"]),
-            "scratch": scratch_path(cfg), "batches": batches}
+            "shape": list(vol.shape), "dtype": str(vol.dtype), "voxel_size": voxel, "tile": grid.tile,
+            "halo": grid.halo, "z_block": grid.z_block, "n_slabs": grid.n_slabs, "n_tiles": grid.n_tiles,
+            "predictions_root": pred, "labels_root": lab_root,
+            "labels": os.path.join(lab_root, "labels", cfg["labels"]["name"]), "scratch": scratch_path(cfg),
+            "batches": batches}
 
 
 def create_volume_stores(cfg: dict[str, Any], plan: dict[str, Any]) -> None:
