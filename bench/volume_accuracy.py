@@ -21,7 +21,8 @@ of small blocks against one block (the same config with one tile and one slab).
 Datasets: ``gonuclear`` (5 real nucleus volumes, voxel 0.28 x 0.127 x 0.127 um), ``ovule`` (PlantSeg dense
 cells; provenance unclear, for pipeline checks; the file has no scale: 0.235 x 0.075 x 0.075 um assumed, the
 PlantSeg ovule acquisition), ``synthetic`` (stacked ellipsoidal nuclei, z spacing 1x, 3x, 5x the yx
-spacing, normal and dense packing). ``--params`` adds the merge parameter table (in memory, GT slices).
+spacing, normal and dense packing). ``--params`` adds the merge parameter table (in memory, GT slices),
+``--noisy`` a robustness table (GoNuclear oracle maps blurred and with pixel noise, in memory).
 
     PYTHONPATH=.:/work/msam python bench/volume_accuracy.py [--datasets gonuclear,ovule,synthetic] [--seeds 0,1,2]
 """
@@ -344,6 +345,41 @@ def params_table(sets: dict[str, list], seeds: list[int]) -> None:
         print(f"{pname:<{w}}  " + "  ".join(f"{v:>{len(c)}.3f}" for v, c in zip(vals, cols)), flush=True)
 
 
+def noisy_table(vols, seed: int = 0) -> None:
+    """Robustness, in memory: the oracle maps blurred (Gaussian, per slice) plus independent pixel noise,
+    per-slice AIS (with and without keep_unseeded) against the stack AIS, each then merged (default)."""
+    from scipy import ndimage
+
+    from pipeline_lib.instances.ais import AISParams, ais_single
+    from pipeline_lib.instances.ais3d import ais_stack
+
+    def unique_ids(per):
+        per = per.astype(np.int64)
+        off = np.concatenate([[0], np.cumsum(per.reshape(len(per), -1).max(axis=1))[:-1]])
+        return np.where(per > 0, per + off[:, None, None], 0)
+
+    rng = np.random.default_rng(seed)
+    base = merge3d_params(validate_config({"input": "x", "output": "y"}))
+    print(f"\n== noisy maps (in memory, {len(vols)} volumes): mSA after the default merge")
+    print(f"{'blur, noise':<14}  {'slices':>7}  {'slices+keep_unseeded':>21}  {'stack':>7}")
+    for blur, noise in ((0.0, 0.0), (1.0, 0.1), (1.5, 0.2), (2.0, 0.3)):
+        res = {"slices": [], "keep": [], "stack": []}
+        for _, gt, voxel in vols:
+            an = voxel[0] / voxel[1]
+            m = np.stack([oracle_maps(gt[z]) for z in range(gt.shape[0])], axis=1).astype(np.float32)
+            if blur:
+                m = ndimage.gaussian_filter(m, (0, 0, blur, blur)) + rng.normal(0, noise, m.shape)
+                m = np.clip(m, 0, 1).astype(np.float32)
+            prm = replace(base, anisotropy=an)
+            for k, p in (("slices", AISParams()), ("keep", AISParams(keep_unseeded=True))):
+                per = np.stack([ais_single(m[:, z], p) for z in range(m.shape[1])])
+                res[k].append(segmentation_scores(merge_slices_3d(unique_ids(per), prm), gt)["msa"])
+            res["stack"].append(segmentation_scores(merge_slices_3d(unique_ids(ais_stack(m, AISParams(), an)), prm),
+                                                    gt)["msa"])
+        print(f"{f'{blur}, {noise}':<14}  {np.mean(res['slices']):7.3f}  {np.mean(res['keep']):21.3f}  "
+              f"{np.mean(res['stack']):7.3f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="gonuclear,ovule,synthetic")
@@ -354,6 +390,7 @@ def main() -> None:
     ap.add_argument("--params", action="store_true", help="also the merge parameter table (in memory)")
     ap.add_argument("--no-workflow", dest="workflow", action="store_false", help="only the parameter table")
     ap.add_argument("--per-volume", action="store_true")
+    ap.add_argument("--noisy", action="store_true", help="also the noisy-maps table (in memory, gonuclear)")
     args = ap.parse_args()
     ms = micro_sam_available()
     if not ms:
@@ -369,8 +406,10 @@ def main() -> None:
     if args.workflow:
         for name, vols in sets.items():
             run_dataset(name, vols, args, ms)
-    if args.params or not args.workflow:
+    if args.params or (not args.workflow and not args.noisy):
         params_table(sets, [int(s) for s in args.seeds.split(",")])
+    if args.noisy and "gonuclear" in sets:
+        noisy_table(sets["gonuclear"])
 
 
 if __name__ == "__main__":

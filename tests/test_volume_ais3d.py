@@ -46,11 +46,12 @@ def test_stack_keeps_the_caps_that_per_slice_ais_loses():
 def test_foreground_needs_a_core_or_two_slices():
     fg = np.zeros((5, 30, 30), np.float32)
     fg[2, 5, 5] = 1.0  # one pixel in one slice: noise of a per-slice prediction
-    fg[1:3, 20, 20] = 1.0  # one pixel in two slices: z-consistent, kept
+    fg[1:3, 20:22, 20] = 1.0  # two pixels in each of two slices: z-consistent, kept
+    fg[1:3, 25, 25] = 1.0  # one pixel in two slices: a chance pair of noise pixels
     fg[2, 10:18, 10:18] = 1.0  # large in one slice: has a smoothed core where z is coarse
     out = foreground_3d(fg, AISParams(), anisotropy=3.0)
-    assert not out[2, 5, 5] and out[1:3, 20, 20].all() and out[2, 10:18, 10:18].all()
-    assert out.sum() == 2 + 64
+    assert not out[2, 5, 5] and out[1:3, 20:22, 20].all() and out[2, 10:18, 10:18].all()
+    assert not out[1:3, 25, 25].any() and out.sum() == 4 + 64
     # isotropic voxels: the core is smoothed in z as in yx, and a one-voxel-thin plate is no object
     assert not foreground_3d(fg, AISParams(), anisotropy=1.0)[2, 10:18, 10:18].any()
     assert z_halo(AISParams(), 1.0) == 4 and z_halo(AISParams(), 5.0) == 2 and z_halo(AISParams(), 100.0) == 2

@@ -11,8 +11,10 @@ Here the smoothing only *detects* objects, the raw map gives their extent (hyste
    ``foreground_smoothing / anisotropy`` in z, anisotropy = z spacing / yx spacing from the NGFF scale)
    above ``foreground_threshold``;
 2. foreground = the 3D components (6-connected) of the *raw* ``fg > foreground_threshold`` that hold a
-   core voxel or span at least two slices. Independent per-slice noise is rarely foreground at the same
-   place in two neighbouring slices, so z-consistency replaces the smoothing as the noise filter;
+   core voxel or have at least 2 voxels in each of at least two slices. Independent per-slice noise is
+   rarely foreground at the same place in two neighbouring slices, so z-consistency replaces the
+   smoothing as the noise filter (with strong pixel noise, e.g. sigma 0.2 on the maps, it is not enough:
+   bench/volume_accuracy.py, README);
 3. per slice, as micro-sam: seeds = 2D components of ``(center < t_c) & (boundary < t_b) & foreground``
    on the 2D-smoothed distance maps (sigma ``distance_smoothing``), seeded watershed on the smoothed
    boundary distance restricted to the foreground; foreground components without a seed become objects
@@ -64,11 +66,10 @@ def foreground_3d(fg: np.ndarray, p: AISParams, anisotropy: float = 1.0) -> np.n
     ok[comp[core]] = True
     zs = np.broadcast_to(np.arange(comp.shape[0])[:, None, None], comp.shape)
     sel = comp > 0
-    zmin = np.full(n + 1, comp.shape[0], np.int64)
-    zmax = np.full(n + 1, -1, np.int64)
-    np.minimum.at(zmin, comp[sel], zs[sel])
-    np.maximum.at(zmax, comp[sel], zs[sel])
-    ok |= zmax > zmin
+    # voxels per (component, slice); a component without a core needs >= 2 voxels in >= 2 slices: chance
+    # pairs of noise voxels in neighbouring slices are single voxels
+    key, per_slice = np.unique(comp[sel] * comp.shape[0] + zs[sel], return_counts=True)
+    ok |= np.bincount(key // comp.shape[0], weights=per_slice >= 2, minlength=n + 1) >= 2
     ok[0] = False
     return ok[comp]
 
