@@ -17,12 +17,14 @@ Here the smoothing only *detects* objects, the raw map gives their extent (hyste
    bench/volume_accuracy.py, README);
 3. per slice, as micro-sam: seeds = 2D components of ``(center < t_c) & (boundary < t_b) & foreground``
    on the 2D-smoothed distance maps (sigma ``distance_smoothing``), seeded watershed on the smoothed
-   boundary distance restricted to the foreground; foreground components without a seed become objects
-   (``keep_unseeded``); objects below ``min_size`` pixels are dropped.
+   boundary distance restricted to the foreground; foreground components without a seed always become
+   objects (as ``ais.keep_unseeded``, which this step does not read); objects below ``min_size`` pixels
+   are dropped.
 
 The 3D identity is left to the slice merge (``stitch.merge3d``), as for any per-slice segmentation. A 3D
-watershed from seeds linked through z was measured too (bench/volume_accuracy.py): it chains touching
-nuclei in z and scored lower after the merge (0.980 vs 0.985 mSA, GoNuclear, oracle maps).
+watershed from seeds linked through z was tried during development (not kept, not in the bench): seeds of
+touching nuclei join through z, and it scored lower after the merge (GoNuclear, oracle maps, before the
+merge's one-cut waist rule: 0.980 vs 0.985 mSA).
 
 Blockwise: a block is processed with a z-halo of :func:`z_halo` slices and a yx halo; only the foreground
 decision (step 2) reaches beyond a slice, so blocks agree with the whole volume wherever the 3D component
