@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data" / "gonuclear_3d_nuclei_mini"
 IDS = (1135, 1136, 1137, 1139, 1170)
+ANISOTROPY = {"gonuclear": 0.28 / 0.127, "synthetic": 2.0}  # z / yx spacing (synthetic: voxel 0.5 x 0.25 x 0.25)
 
 from pipeline_lib.measure.metrics import mean_segmentation_accuracy  # noqa: E402
 from pipeline_lib.stitch.merge3d import (Merge3DParams, edge_costs, merge_nodes,  # noqa: E402
@@ -117,20 +119,22 @@ def main() -> None:
 
     def score(fn):
         out = []
-        for gts, clean, pert in sets.values():
-            out.append(np.mean([mean_segmentation_accuracy(fn(s), g) for s, g in zip(clean, gts)]))
-            out.append(np.mean([[mean_segmentation_accuracy(fn(s), g) for s, g in zip(p, gts)] for p in pert]))
+        for name, (gts, clean, pert) in sets.items():
+            an = ANISOTROPY[name]
+            out.append(np.mean([mean_segmentation_accuracy(fn(s, an), g) for s, g in zip(clean, gts)]))
+            out.append(np.mean([[mean_segmentation_accuracy(fn(s, an), g) for s, g in zip(p, gts)] for p in pert]))
         return out
 
     rows = []
     if merge_instance_segmentation_3d is not None:
         for name, kw in (("micro-sam 1.8.14 defaults", {}),
                          ("micro-sam 1.8.14 gap_closing=2 min_z_extent=2", dict(gap_closing=2, min_z_extent=2))):
-            rows.append((name, score(lambda s, kw=kw: merge_instance_segmentation_3d(s, verbose=False, **kw))))
+            rows.append((name, score(lambda s, an, kw=kw: merge_instance_segmentation_3d(s, verbose=False, **kw))))
     variants = [
         ("ours rule=micro_sam", Merge3DParams(rule="micro_sam")),
         ("ours rule=micro_sam min_z_extent=2", Merge3DParams(rule="micro_sam", min_z_extent=2)),
-        ("ours default: overlap beta=.4 max_gap=2 taper=.8 fill", Merge3DParams()),
+        ("ours default: overlap beta=.4 max_gap=2 (scale .2) taper=.8 fill", Merge3DParams()),
+        ("  ablation: max_gap_scale=0 (gap 2 always)", Merge3DParams(max_gap_scale=0)),
         ("  ablation: fill_gaps=False", Merge3DParams(fill_gaps=False)),
         ("  ablation: taper=0 (no waist test)", Merge3DParams(taper=0)),
         ("  ablation: taper=0.7", Merge3DParams(taper=0.7)),
@@ -143,7 +147,7 @@ def main() -> None:
         ("  ablation: min_z_extent=2", Merge3DParams(min_z_extent=2)),
     ]
     for name, p in variants:
-        rows.append((name, score(lambda s, p=p: merge_slices_3d(s, p))))
+        rows.append((name, score(lambda s, an, p=p: merge_slices_3d(s, replace(p, anisotropy=an)))))
     w = max(len(r[0]) for r in rows)
     print(f"\nmean mSA (perturbed: drop 10%, split 5%, mean over seeds {seeds}); "
           + ", ".join(f"{k}: {len(v[0])} volumes" for k, v in sets.items()))

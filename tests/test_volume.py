@@ -18,14 +18,15 @@ from pipeline_lib.steps.plan import write_plan
 from pipeline_lib.steps.volume_relabel import aggregate_volume, run_volume_relabel_batch
 from pipeline_lib.steps.volume_segment import run_volume_segment_batch
 from pipeline_lib.steps.volume_stitch import run_volume_edges_batch, run_volume_merge
-from pipeline_lib.stitch.merge3d import Merge3DParams, merge_slices_3d
+from pipeline_lib.stitch.merge3d import merge_slices_3d
 from pipeline_lib.instances.ais import ais_single
-from pipeline_lib.config import ais_params
+from pipeline_lib.instances.ais3d import ais_stack
+from pipeline_lib.config import ais_params, merge3d_params
 
 GONUCLEAR = SHARED / "gonuclear_3d_nuclei_mini"
 
 
-def run_volume_steps(cfg: dict) -> dict:
+def run_volume_steps(cfg: dict, segmenter=None) -> dict:
     """All passes of the volume workflow in-process (the Snakemake rules call exactly these)."""
     from pipeline_lib.steps.model import resolve_model
     cfg = validate_config(cfg)
@@ -36,14 +37,32 @@ def run_volume_steps(cfg: dict) -> dict:
     edges = [f"{out}/jobs/volume_edges/{b}.npz" for b in plan["batches"]]
     tabs = [f"{out}/jobs/volume_relabel/{b}.parquet" for b in plan["batches"]]
     for b, p in zip(plan["batches"], segs):
-        run_volume_segment_batch(cfg, plan, b, model, p)
+        run_volume_segment_batch(cfg, plan, b, model, p, segmenter=segmenter)
     for b, p in zip(plan["batches"], edges):
         run_volume_edges_batch(cfg, plan, b, segs, p)
     run_volume_merge(cfg, plan, segs, edges, f"{out}/volume/lut.npy", f"{out}/volume/merge.json")
     for b, p in zip(plan["batches"], tabs):
-        run_volume_relabel_batch(cfg, plan, b, segs, f"{out}/volume/lut.npy", p[:-8] + ".json", p)
+        run_volume_relabel_batch(cfg, plan, b, segs, f"{out}/volume/lut.npy", p[:-8] + ".json", p,
+                                 f"{out}/volume/merge.json")
     return aggregate_volume(cfg, plan, model, segs, f"{out}/volume/merge.json", tabs, f"{out}/summary.json",
                             f"{out}/objects.parquet")
+
+
+def in_memory_reference(maps: np.ndarray, cfg: dict, anisotropy: float) -> np.ndarray:
+    """The untiled reference of the volume workflow: AIS of the whole stack (volume.instances: stack) or of
+    every slice on its own (slices), ids made unique across slices, then merge_slices_3d."""
+    from dataclasses import replace
+    cfg = validate_config({"input": "x", "output": "y", **cfg})
+    p = ais_params(cfg)
+    m = np.asarray(maps, np.float32)
+    if cfg["volume"]["instances"] == "stack":
+        per = ais_stack(m, p, anisotropy).astype(np.int64)
+    else:
+        per = np.stack([ais_single(m[:, z], p) for z in range(m.shape[1])]).astype(np.int64)
+    top = per.reshape(len(per), -1).max(axis=1)
+    off = np.concatenate([[0], np.cumsum(top)[:-1]])
+    stack = np.where(per > 0, per + off[:, None, None], 0)
+    return merge_slices_3d(stack, replace(merge3d_params(cfg), anisotropy=anisotropy))
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +101,12 @@ def test_small_blocks_equal_one_block(synthetic_volume):
     assert segmentation_scores(a, b)["msa"] >= 0.99
     gt = _labels(d, "nuclei_gt")
     assert segmentation_scores(a, gt)["sa50"] >= 0.9
-    # one block is the in-memory reference: per-slice AIS, then merge_slices_3d
+    # one block is the in-memory reference: AIS of the stack of per-slice maps, then merge_slices_3d
     maps = zarr.open_array(str(d / "pred.ome.zarr" / "0"), mode="r")
-    p = ais_params(validate_config({"input": "x", "output": "y"}))
-    stack = np.zeros(gt.shape, np.int64)
-    offset = 0
-    for z in range(gt.shape[0]):
-        lab = ais_single(np.asarray(maps[:, z], np.float32), p).astype(np.int64)
-        stack[z] = np.where(lab > 0, lab + offset, 0)
-        offset = max(offset, int(stack[z].max()))
-    ref = merge_slices_3d(stack, Merge3DParams())
+    ref = in_memory_reference(maps[:], {}, anisotropy=2.0)  # voxel 0.5 x 0.25 x 0.25
     assert segmentation_scores(b, ref)["msa"] == 1.0
+    assert one["merge"]["anisotropy"] == 2.0
+    assert one["merge"]["max_gap"] == small["merge"]["max_gap"] == 1  # derived from the data (configured: 2)
     # labels: NGFF metadata, uint32, pyramid sampled from level 0 (yx only, as the image)
     g = zarr.open_group(str(d / "vol.ome.zarr" / "labels" / "small"), mode="r")
     assert "image-label" in g.attrs and g["s0"].dtype == np.uint32
@@ -107,9 +121,9 @@ def test_small_blocks_equal_one_block(synthetic_volume):
     assert np.isclose(obj["volume"].iloc[0], obj["volume_voxels"].iloc[0] * 0.5 * 0.25 * 0.25)
 
 
-@pytest.mark.skipif(not GONUCLEAR.exists(), reason="real 3D nuclei not present")
-def test_real_nuclei_blockwise_equals_in_memory(tmp_path):
-    """gonuclear volume -> per-slice oracle maps -> small blocks (16 x 48 x 48, halo 24) vs in-memory merge."""
+def _gonuclear_inputs(tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Volume 1135 as an OME-Zarr image (NGFF scale 0.28 x 0.127 x 0.127) and its per-slice oracle maps as
+    the predictions store; returns (GT, maps)."""
     import tifffile
     from pipeline_lib.embed.oracle import oracle_maps
     from pipeline_lib.io.ome_zarr import write_ngff, versioned
@@ -125,23 +139,49 @@ def test_real_nuclei_blockwise_equals_in_memory(tmp_path):
     write_ngff(root, {"multiscales": [ms]}, "0.4")
     maps = create_volume_maps(zarr.open_group(str(tmp_path / "pred.ome.zarr"), mode="w", zarr_format=2), gt.shape,
                               (64, 64), "0.4")
-    slices = np.zeros(gt.shape, np.int64)
     m = np.zeros((3,) + gt.shape, np.float32)
     for z in range(gt.shape[0]):
         m[:, z] = oracle_maps(gt[z])
     maps[:] = m.astype(np.float16)
-    small = run_volume_steps(_cfg(tmp_path, "small", 48, 24, 16))
+    return gt, m
+
+
+@pytest.mark.skipif(not GONUCLEAR.exists(), reason="real 3D nuclei not present")
+@pytest.mark.parametrize("instances,min_msa", [("stack", 0.95), ("slices", 0.75)])
+def test_real_nuclei_blockwise_equals_in_memory(tmp_path, instances, min_msa):
+    """gonuclear volume -> per-slice oracle maps -> small blocks (16 x 48 x 48, halo 24) vs in-memory merge;
+    the stack AIS keeps the caps that per-slice AIS loses (measured on this volume: 1.000 vs 0.78)."""
+    gt, m = _gonuclear_inputs(tmp_path)
+    small = run_volume_steps(_cfg(tmp_path, "small", 48, 24, 16, instances=instances))
     lab = _labels(tmp_path, "small")
-    p = ais_params(validate_config({"input": "x", "output": "y"}))
-    offset = 0
-    for z in range(gt.shape[0]):
-        s = ais_single(m[:, z].astype(np.float16).astype(np.float32), p).astype(np.int64)
-        slices[z] = np.where(s > 0, s + offset, 0)
-        offset = max(offset, int(slices[z].max()))
-    ref = merge_slices_3d(slices, Merge3DParams())
-    assert small["grid"]["n_tiles"] == 9
+    ref = in_memory_reference(m.astype(np.float16), {"volume": {"instances": instances}}, 0.28 / 0.127)
+    assert small["grid"]["n_tiles"] == 9 and small["merge"]["max_gap"] == 2
     assert segmentation_scores(lab, ref)["msa"] >= 0.99
-    assert segmentation_scores(lab, gt)["msa"] >= 0.75  # AIS on per-slice oracle maps (measured 0.78)
+    assert segmentation_scores(lab, gt)["msa"] >= min_msa
+
+
+class _Slices:
+    """Pass-1 segmenter returning given per-slice labels crop by crop (as bench/volume_accuracy.py)."""
+    device = "cpu"
+
+    def __init__(self, labels):
+        self.labels = labels
+
+    def block(self, z0, z1, region):
+        return np.asarray(self.labels[(slice(z0, z1),) + tuple(region)], dtype=np.uint32)
+
+
+@pytest.mark.skipif(not GONUCLEAR.exists(), reason="real 3D nuclei not present")
+def test_real_nuclei_ground_truth_slices_through_the_workflow(tmp_path):
+    """The 2D objects of every ground-truth slice through stitching and merge with small blocks: the merge
+    alone (measured on this volume, in memory: 1.000 clean, 0.926 with 10% dropped and 5% split, seed 0)."""
+    from pipeline_lib.stitch.merge3d import perturb_slices, relabel_slices
+    gt, _ = _gonuclear_inputs(tmp_path)
+    clean = relabel_slices(gt)
+    for name, sl, min_msa in (("clean", clean, 0.98), ("pert", relabel_slices(perturb_slices(clean)), 0.9)):
+        s = run_volume_steps(_cfg(tmp_path, name, 48, 24, 16), segmenter=_Slices(sl))
+        assert s["merge"]["n_yx_joins"] > 0 and s["merge"]["max_gap"] == 2
+        assert segmentation_scores(_labels(tmp_path, name), gt)["msa"] >= min_msa
 
 
 def test_failed_block_is_reported_and_others_finish(synthetic_volume, tmp_path):
@@ -206,23 +246,28 @@ def test_volume_workflow_snakemake(synthetic_volume, tmp_path):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("method", ["apg", "amg"])
+@pytest.mark.parametrize("method", ["apg", "amg", "ais"])
 def test_prompt_methods_on_a_volume(method, tiny_model, tmp_path):
     """APG (prompts from oracle maps) and AMG run slice x tile crops through SAM (tiny random model, CPU):
-    encoder batches across the slices of a block, prompt decoding, stitching and merge complete."""
+    encoder batches across the slices of a block, prompt decoding, stitching and merge complete. AIS without
+    predictions: the stack AIS encodes the block's slices and its z-halo and decodes their maps."""
     write_synthetic_volume(tmp_path / "vol.ome.zarr", shape=(6, 80, 72), predictions=str(tmp_path / "pred.ome.zarr"),
                            block=(6, 80, 72), chunk=40, channel_axis=False)
     cfg = _cfg(tmp_path, method, 48, 16, 4)
     cfg.update(method=method, model={"checkpoint": tiny_model["checkpoint"], "decoder": tiny_model["decoder"],
                                      "device": "cpu"}, encoder={"batch_size": 4})
-    if method == "amg":
+    if method in ("amg", "ais"):
         del cfg["predictions"]
+    if method == "amg":
         cfg["amg"] = {"points_per_side": 4, "pred_iou_threshold": -10.0, "stability_score_threshold": 0.0}
+    if method == "ais":  # random decoder: take everything as foreground and as seed
+        cfg["ais"] = {"foreground_threshold": 0.0, "center_distance_threshold": 1.0,
+                      "boundary_distance_threshold": 1.0}
     s = run_volume_steps(cfg)
     assert s["method"] == method and s["block_status_counts"].get("failed") is None
     assert s["grid"]["n_tiles"] == 4 and s["grid"]["n_slabs"] == 2
     lab = _labels(tmp_path, method)
-    assert lab.shape == (6, 80, 72) and s["n_objects"] == len(np.unique(lab)) - 1 > 0
+    assert lab.shape == (6, 80, 72) and s["n_objects"] == len(np.unique(lab[lab > 0])) > 0
 
 
 def test_tczyx_volume_and_bad_time_axis(tmp_path):
@@ -267,18 +312,11 @@ def test_gap_across_slab_boundary_is_bridged_and_filled(synthetic_volume, tmp_pa
     shutil.copytree(synthetic_volume / "pred.ome.zarr", tmp_path / "pred.ome.zarr")
     maps = zarr.open_array(str(tmp_path / "pred.ome.zarr" / "0"), mode="r+")
     maps[0, 15:17] = 0
-    s = run_volume_steps(_cfg(tmp_path, "gap", 128, 32, 16))
+    fixed = {"merge": {"max_gap_scale": 0}}  # the gap as configured (2), not derived from the data (1 here)
+    s = run_volume_steps(_cfg(tmp_path, "gap", 128, 32, 16, **fixed))
     lab = _labels(tmp_path, "gap")
-    p = ais_params(validate_config({"input": "x", "output": "y"}))
-    m = np.asarray(maps[:], np.float32)
-    stack = np.zeros(lab.shape, np.int64)
-    offset = 0
-    for z in range(lab.shape[0]):
-        sl = ais_single(m[:, z], p).astype(np.int64)
-        stack[z] = np.where(sl > 0, sl + offset, 0)
-        offset = max(offset, int(stack[z].max()))
-    assert stack[15:17].max() == 0
-    ref = merge_slices_3d(stack, Merge3DParams())
+    ref = in_memory_reference(maps[:], {"volume": fixed}, anisotropy=2.0)
+    assert s["merge"]["max_gap"] == 2
     assert lab[15:17].max() > 0 and s["n_objects"] == len(np.unique(ref)) - 1
     assert segmentation_scores(lab, ref)["msa"] >= 0.99
     both = (lab[14] > 0) & (lab[14] == lab[17])

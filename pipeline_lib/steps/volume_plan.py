@@ -28,6 +28,13 @@ def plan_grid(plan: dict[str, Any]) -> VolumeGrid:
     return VolumeGrid(tuple(plan["shape"]), plan["tile"], plan["halo"], plan["z_block"])
 
 
+def anisotropy(plan: dict[str, Any]) -> float:
+    """z spacing / yx spacing of the volume (NGFF scale of level 0; 1.0 for plans without it)."""
+    z, y, x = plan.get("voxel_size") or (1.0, 1.0, 1.0)
+    yx = (y + x) / 2
+    return float(z / yx) if z > 0 and yx > 0 else 1.0
+
+
 def open_volume(plan: dict[str, Any], channel: Any) -> Volume3D:
     img = open_field(plan["input"], "")
     return Volume3D(img, img.channel_index(channel))
@@ -52,15 +59,18 @@ def make_volume_plan(cfg: dict[str, Any], layout: StoreLayout) -> dict[str, Any]
         if tuple(arr.shape) != (3, *vol.shape):
             raise InputError(f"predictions at {pred}/0 have shape {tuple(arr.shape)}, expected {(3, *vol.shape)} "
                              f"for the volume {root}: they were computed for other data.")
+    names = img.axis_names
+    voxel = [float(img.scale(0)[names.index(a)]) for a in "zyx"]
     lab_root = os.path.abspath(cfg["labels"]["store"] or root)
     n = v["slabs_per_job"]
     slabs = list(range(grid.n_slabs))
     batches = {f"b{i // n:04d}": slabs[i:i + n] for i in range(0, len(slabs), n)}
     return {"input": root, "kind": "volume", "version": layout.version, "zarr_format": layout.zarr_format,
-            "shape": list(vol.shape), "dtype": str(vol.dtype), "tile": grid.tile, "halo": grid.halo,
-            "z_block": grid.z_block, "n_slabs": grid.n_slabs, "n_tiles": grid.n_tiles, "predictions_root": pred,
-            "labels_root": lab_root, "labels": os.path.join(lab_root, "labels", cfg["labels"]["name"]),
-            "scratch": scratch_path(cfg), "batches": batches}
+            "shape": list(vol.shape), "dtype": str(vol.dtype), "voxel_size": voxel, "tile": grid.tile,
+            "halo": grid.halo, "z_block": grid.z_block, "n_slabs": grid.n_slabs, "n_tiles": grid.n_tiles,
+            "predictions_root": pred, "labels_root": lab_root,
+            "labels": os.path.join(lab_root, "labels", cfg["labels"]["name"]), "scratch": scratch_path(cfg),
+            "batches": batches}
 
 
 def create_volume_stores(cfg: dict[str, Any], plan: dict[str, Any]) -> None:

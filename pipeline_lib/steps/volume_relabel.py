@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -39,13 +40,18 @@ def _label_levels(plan: dict[str, Any]) -> tuple[list[LeadingView], list[list[fl
 
 
 def run_volume_relabel_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, segment_jsons: Sequence[str],
-                             lut_path: str, out_json: str, out_table: str) -> dict[str, Any]:
+                             lut_path: str, out_json: str, out_table: str, merge_json: str | None = None
+                             ) -> dict[str, Any]:
+    """Pass 4 for the slabs of ``batch``; gaps are filled up to the gap the merge used (``merge_json``,
+    derived from the data; the configured ``max_gap`` without it)."""
     from ..config import merge3d_params
     grid = plan_grid(plan)
     counts, _ = gather_counts(grid, segment_jsons)
     off, _ = unit_offsets(counts)
     slabs = plan["batches"][batch]
     params = merge3d_params(cfg)
+    if merge_json is not None:
+        params = replace(params, max_gap=int(read_json(merge_json).get("max_gap", params.max_gap)))
     fill = params.fill_gaps and params.rule == "overlap" and params.max_gap > 0
     reach = params.max_gap * (params.max_gap + 1) // 2 if fill else 0  # z-halo the gap filling reads
     n_z = grid.shape[0]

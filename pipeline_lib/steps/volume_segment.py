@@ -16,25 +16,32 @@ import zarr
 from ..config import ais_params
 from ..engine.runner import failed, run_units
 from ..instances.ais import ais_single
+from ..instances.ais3d import ais_stack, z_halo
 from ..io.ome_zarr import read_region, write_atomic, write_json_atomic
 from ..io.volume import Volume3D, read_volume_maps
 from ..stitch.tile_match import intersect, local, split_unit
 from ..stitch.volume_grid import VolumeGrid
-from .volume_plan import open_volume, plan_grid
+from .volume_plan import anisotropy, open_volume, plan_grid
 
 
 class SliceSegmenter:
     """2D labels (consecutive ids per slice) of a stack of slice crops, with the configured method.
 
     AIS from given ``predictions`` needs no model. Otherwise the crops of one block share encoder batches.
+    AIS with ``volume.instances: stack`` (:mod:`instances.ais3d`) reads the maps of ``z_halo`` slices
+    above and below the block as well (from the predictions, or encoded with the block's slices).
     """
 
-    def __init__(self, cfg: dict[str, Any], volume: Volume3D, maps: Any, model_info: dict[str, Any] | None):
+    def __init__(self, cfg: dict[str, Any], volume: Volume3D, maps: Any, model_info: dict[str, Any] | None,
+                 anisotropy: float = 1.0):
         self.cfg = cfg
         self.method = cfg["method"]
         self.volume = volume
         self.maps = maps
         self.ais = ais_params(cfg) if self.method == "ais" else None
+        self.stack = self.method == "ais" and cfg["volume"]["instances"] == "stack"
+        self.anisotropy = anisotropy
+        self.z_halo = z_halo(self.ais, anisotropy) if self.stack else 0
         self.model = self.decoder = None
         if not (self.method == "ais" and maps is not None):
             from ..embed.prompt_decoder import PromptDecoder
@@ -52,9 +59,25 @@ class SliceSegmenter:
         return read_region(self.maps, (slice(None), z) + region, f"{self.maps.store} (maps of slice {z})",
                            region).astype(np.float32)
 
+    def _stack_maps(self, z0: int, z1: int, region: tuple[slice, slice]) -> np.ndarray:
+        """(3, z1 - z0, h, w) float32 maps of slices z0..z1-1: read from the predictions or encoded."""
+        region = tuple(region)
+        if self.model is None:
+            return read_region(self.maps, (slice(None), slice(z0, z1)) + region,
+                               f"{self.maps.store} (maps of slices {z0}..{z1 - 1})", region).astype(np.float32)
+        from ..embed.predict import FieldTask, embed_tasks  # torch only where a model runs
+        shape = tuple(s.stop - s.start for s in region)
+        tasks = [FieldTask(f"z{z}", self.volume[(z,) + region], None) for z in range(z0, z1)]
+        enc = self.cfg["encoder"]
+        embedded = embed_tasks(self.model, tasks, max(shape), 0, enc["batch_size"], enc["precision"], True)
+        return np.stack([np.asarray(maps, np.float32) for _, _, maps in embedded], axis=1)
+
     def block(self, z0: int, z1: int, region: tuple[slice, slice]) -> np.ndarray:
         """(z1 - z0, h, w) uint32 labels of the slices' crops ``region`` (ids start at 1 in every slice)."""
         shape = tuple(s.stop - s.start for s in region)
+        if self.stack:
+            a, b = max(0, z0 - self.z_halo), min(self.volume.shape[0], z1 + self.z_halo)
+            return ais_stack(self._stack_maps(a, b, region), self.ais, self.anisotropy)[z0 - a:z1 - a]
         out = np.zeros((z1 - z0, *shape), dtype=np.uint32)
         if self.model is None:
             for k, z in enumerate(range(z0, z1)):
@@ -105,12 +128,15 @@ def write_block(plan: dict[str, Any], grid: VolumeGrid, scratch: Any, s: int, t:
 
 
 def run_volume_segment_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str,
-                             model_info: dict[str, Any] | None, out_json: str) -> dict[str, Any]:
+                             model_info: dict[str, Any] | None, out_json: str, segmenter: Any = None) -> dict[str, Any]:
     """Pass 1 for the slabs of ``batch``; a block that fails (e.g. a corrupt chunk) is reported by name and
-    left empty, the other blocks finish."""
+    left empty, the other blocks finish. ``segmenter`` (benchmarks: e.g. ground-truth slices) replaces the
+    configured one; it needs ``block(z0, z1, region)`` and ``device``."""
     grid = plan_grid(plan)
-    maps = read_volume_maps(plan["predictions_root"]) if plan["predictions_root"] else None
-    seg = SliceSegmenter(cfg, open_volume(plan, cfg["channel"]), maps, model_info)
+    if segmenter is None:
+        maps = read_volume_maps(plan["predictions_root"]) if plan["predictions_root"] else None
+        segmenter = SliceSegmenter(cfg, open_volume(plan, cfg["channel"]), maps, model_info, anisotropy(plan))
+    seg = segmenter
     scratch = zarr.open_array(os.path.join(plan["scratch"], "pieces.zarr"), mode="r+")
     todo = [(s, t) for s in plan["batches"][batch] for t in range(grid.n_tiles)]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -21,10 +22,10 @@ from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
 from ..io.ome_zarr import read_json, write_atomic, write_json_atomic
-from ..stitch.merge3d import merge_nodes, overlap_edges
+from ..stitch.merge3d import merge_nodes, overlap_edges, resolve_max_gap
 from ..stitch.tile_match import band_matches, intersect
 from ..stitch.volume_grid import VolumeGrid, unit_offsets
-from .volume_plan import plan_grid
+from .volume_plan import anisotropy, plan_grid
 from .volume_segment import block_path
 
 
@@ -140,13 +141,15 @@ def run_volume_merge(cfg: dict[str, Any], plan: dict[str, Any], segment_jsons: S
     key, inv = np.unique(U * n_obj + V, return_inverse=True)
     C = np.bincount(inv.ravel(), weights=c, minlength=len(key)).astype(np.int64)
     U, V = np.divmod(key, n_obj)
-    labels3d = merge_nodes(obj_size, obj_z, U, V, C, merge3d_params(cfg))
+    params = resolve_max_gap(obj_size, replace(merge3d_params(cfg), anisotropy=anisotropy(plan)))
+    labels3d = merge_nodes(obj_size, obj_z, U, V, C, params)
     lut = labels3d[obj]
     n_final = int(lut.max()) if lut.size else 0
     if n_final >= 2**32:
         raise ValueError(f"{n_final} objects do not fit the uint32 label image; split the volume.")
     write_atomic(out_lut, lambda p: np.save(p, lut.astype(np.uint32)))
     info = {"n_pieces": n_ids - 1, "n_yx_joins": int(len(yx_pairs)), "n_objects_2d": n_obj - 1,
-            "n_z_edges": int(len(key)), "n_objects": n_final, "seconds": round(time.time() - t0, 3)}
+            "n_z_edges": int(len(key)), "n_objects": n_final, "max_gap": params.max_gap,
+            "anisotropy": params.anisotropy, "seconds": round(time.time() - t0, 3)}
     write_json_atomic(out_json, info)
     return info

@@ -1,5 +1,6 @@
 # Volumes (one OME-Zarr image with z > 1), in four passes over blocks of z_block slices x one yx tile:
-#   volume_segment (GPU unless AIS from `predictions`): 2D instances per slice x tile with halo
+#   volume_segment (GPU unless AIS from `predictions`): 2D instances per slice x tile with halo (AIS with
+#                   volume.instances: stack also reads a z-halo of maps: foreground decided in 3D)
 #   volume_edges:   yx matches in the halo bands, z overlaps, piece sizes (needs every block of pass 1)
 #   volume_merge:   one job: union of yx matches, 3D merge across slices, compact lookup table
 #   volume_relabel: apply the table, label pyramid per slab, per-object partial measurements
@@ -72,6 +73,7 @@ rule volume_relabel:
         plan=f"{OUT}/plan.json",
         segments=segment_markers,
         lut=f"{OUT}/volume/lut.npy",
+        merge=f"{OUT}/volume/merge.json",
     output:
         json=f"{OUT}/jobs/volume_relabel/{{batch}}.json",
         table=f"{OUT}/jobs/volume_relabel/{{batch}}.parquet",
@@ -82,7 +84,8 @@ rule volume_relabel:
     run:
         from pipeline_lib.steps.volume_relabel import run_volume_relabel_batch
         logged(log, lambda: run_volume_relabel_batch(
-            CFG, read_json_file(input.plan), wildcards.batch, input.segments, input.lut, output.json, output.table))
+            CFG, read_json_file(input.plan), wildcards.batch, input.segments, input.lut, output.json, output.table,
+            input.merge))
 
 
 localrules: aggregate_volume
