@@ -324,12 +324,13 @@ def test_gap_across_slab_boundary_is_bridged_and_filled(synthetic_volume, tmp_pa
 
 
 def test_volume_config_errors_name_the_fix(synthetic_volume, tmp_path):
+    from pipeline_lib.config import ConfigError
     from pipeline_lib.io.ome_zarr import InputError
     import shutil
     shutil.copytree(synthetic_volume / "vol.ome.zarr", tmp_path / "vol.ome.zarr")
     cfg = _cfg(tmp_path, "x", 32, 48, 16)
     cfg["predictions"] = str(synthetic_volume / "pred.ome.zarr")
-    with pytest.raises(InputError, match="halo .* larger than tiling.tile"):
+    with pytest.raises(ConfigError, match=r"tiling.halo \(48\) is larger than tiling.tile \(32\)"):
         run_volume_steps(cfg)
     cfg = _cfg(tmp_path, "x", 128, 32, 16)
     cfg["predictions"] = str(tmp_path / "missing.ome.zarr")
