@@ -120,6 +120,22 @@ class _GlobalIds:
         np.add(local, off, out=local, where=local > 0)
         return local
 
+    def read_mapped(self, region: tuple[slice, ...], mapping: np.ndarray, dtype: Any) -> np.ndarray:
+        """``mapping[global ids]`` over ``region`` as ``dtype``, in one gather per block it spans (through a
+        per-block lookup table, so no int64 copy of the region is made)."""
+        out = np.empty(tuple(s.stop - s.start for s in region), dtype)
+        first = [s.start // b for s, b in zip(region, self.block_shape)]
+        last = [(s.stop - 1) // b for s, b in zip(region, self.block_shape)]
+        for idx in product(*(range(f, l_ + 1) for f, l_ in zip(first, last))):
+            sub = tuple(slice(max(i * b, r.start), min((i + 1) * b, r.stop)) for i, b, r in
+                        zip(idx, self.block_shape, region))
+            local = np.asarray(self.scratch[sub])
+            o = int(self.offsets[idx])
+            lut = mapping[o:o + int(local.max(initial=0)) + 1].astype(dtype)
+            lut[0] = 0
+            out[tuple(slice(s.start - r.start, s.stop - r.start) for s, r in zip(sub, region))] = lut[local]
+        return out
+
     def _face_regions(self, shape: Sequence[int]):
         """Slabs of two planes around every internal block face along each axis, one per grid line and block
         row (the last other axis taken whole), extended by one pixel along the other axes."""
@@ -197,15 +213,21 @@ class _Writes:
 def _sums(ids: np.ndarray, origin: Sequence[int]) -> tuple[int, np.ndarray, np.ndarray]:
     """(lowest id, pixel counts, coordinate sums per axis) of the non-zero ids of a block whose first pixel
     is at ``origin``; the counts cover ids lo..max only, so memory follows the block, not the field."""
-    nz = np.flatnonzero(ids)
+    flat = ids.ravel()
+    nz = np.flatnonzero(flat != 0)
     if not len(nz):
         return 0, np.zeros(0, np.int64), np.zeros((ids.ndim, 0))
-    v = ids.ravel()[nz].astype(np.int64)
+    v = flat[nz].astype(np.int64)
     lo = int(v.min())
     v -= lo
     counts = np.bincount(v)
-    coords = np.unravel_index(nz, ids.shape)
-    csum = np.stack([np.bincount(v, weights=c + o, minlength=len(counts)) for c, o in zip(coords, origin)])
+    coords = []
+    for n in ids.shape[:0:-1]:  # C order: peel the last axis off the flat index
+        nz, c = np.divmod(nz, n)
+        coords.append(c)
+    coords.append(nz)
+    # integer sums are exact in float64, so adding the origin afterwards changes nothing
+    csum = np.stack([np.bincount(v, weights=c) + o * counts for c, o in zip(coords[::-1], origin)])
     return lo, counts, csum
 
 
@@ -256,6 +278,7 @@ def _ais_passes(maps, out, p, blocks, block, shape, scratch, out_w, scratch_w, r
     ndim = len(shape)
     cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
     budget = [int(cache_bytes)]
+    single = len(blocks) == 1
     lock = threading.Lock()
 
     def maps_at(region, channel=slice(None)):
@@ -268,7 +291,7 @@ def _ais_passes(maps, out, p, blocks, block, shape, scratch, out_w, scratch_w, r
         if hit is not None:
             return hit
         fg = _smooth(maps_at(blk.outer, 0), p.foreground_smoothing)  # the center distance is not needed
-        return fg > p.foreground_threshold, _smooth(maps_at(blk.outer, 2), p.distance_smoothing)
+        return fg > p.foreground_threshold, _smooth(maps_at(blk.outer, 2), p.distance_smoothing), None
 
     # pass 1: local seed labels per block (maps smoothed once, kept for pass 2 within the budget)
     def seeds_of(blk):
@@ -278,12 +301,15 @@ def _ais_passes(maps, out, p, blocks, block, shape, scratch, out_w, scratch_w, r
         seed = (center[il] < p.center_distance_threshold) & (boundary[il] < p.boundary_distance_threshold) \
             & fg_mask[il]
         lab, n = _label(seed)
+        if single:  # one block, no halo: its seed labels are the watershed markers (ids stay as they are)
+            cache[blk.index] = (fg_mask, boundary, lab.astype(np.uint32) if n < 2**32 else lab)
+            return n
         scratch_w[blk.inner] = lab.astype(scratch.dtype, copy=False)
         nbytes = fg_mask.nbytes + boundary.nbytes
         with lock:
             if budget[0] >= nbytes:
                 budget[0] -= nbytes
-                cache[blk.index] = (fg_mask, boundary)
+                cache[blk.index] = (fg_mask, boundary, None)
         return n
 
     seeds = _GlobalIds(scratch, blocks, block)
@@ -294,16 +320,19 @@ def _ais_passes(maps, out, p, blocks, block, shape, scratch, out_w, scratch_w, r
     n_seeds = seeds.set_counts(counts)
     seed_map = _components(n_seeds, seeds.merge_edges(shape))
     n_ws = int(seed_map.max())
+    # the watershed runs faster on 32-bit markers; labels are the same for any marker dtype
+    marker_dtype = np.uint32 if n_ws < 2**32 else np.uint64
 
     # pass 2: seeded watershed per block with halo, global seed ids; object sums of the inner part
     def watershed_of(blk):
-        fg_mask, hmap = masks_for_watershed(blk)
-        markers = seed_map[seeds.read(blk.outer)].astype(np.uint64)
+        fg_mask, hmap, markers = masks_for_watershed(blk)
+        if markers is None:
+            markers = seeds.read_mapped(blk.outer, seed_map, marker_dtype)
         ws = bic.segmentation.watershed(hmap, markers=markers, mask=fg_mask)[blk.inner_local]
-        out_w[blk.inner] = ws.astype(np.uint32)
+        out_w[blk.inner] = ws.astype(np.uint32, copy=False)
         if p.keep_unseeded:  # the rescue pass needs the inner foreground mask
             with lock:
-                cache[blk.index] = (np.ascontiguousarray(fg_mask[blk.inner_local]), None)
+                cache[blk.index] = (np.ascontiguousarray(fg_mask[blk.inner_local]), None, None)
         return _sums(ws, [s.start for s in blk.inner])
 
     sizes = np.zeros(n_ws + 1, dtype=np.int64)
