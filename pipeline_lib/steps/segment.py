@@ -75,7 +75,8 @@ def write_field_labels(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, A
     return label_table(f, np.arange(1, n + 1), area[1:], np.stack([cy[1:], cx[1:]]))
 
 
-def segment_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]) -> tuple[dict, pd.DataFrame]:
+def segment_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any],
+                  threads: int = 1) -> tuple[dict, pd.DataFrame]:
     maps = zarr.open_array(os.path.join(f["predictions"], "0"), mode="r")
     img, group = _label_group(cfg, plan, f)
     level0 = group[img.datasets[0]["path"]]
@@ -88,7 +89,7 @@ def segment_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]) 
                                         chunks=(cfg["tiling"]["tile"],) * 2, fill_value=0)
         t0 = time.time()
         res = ais_blockwise(maps, out, ais_params(cfg), block=cfg["tiling"]["tile"], halo=cfg["tiling"]["halo"],
-                            scratch=scratch)
+                            scratch=scratch, threads=threads)
     finish_labels(img, group)
     table = label_table(f, res["label"], res["area"], res["centroid"])
     info = {"status": "ok" if res["n_objects"] else "empty", "n_objects": res["n_objects"],
@@ -97,8 +98,9 @@ def segment_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]) 
 
 
 def run_segment_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, predict_marker: str | None,
-                      out_json: str) -> dict[str, Any]:
-    """Segment every field of ``batch``; failures are recorded per field and do not stop the others."""
+                      out_json: str, threads: int = 1) -> dict[str, Any]:
+    """Segment every field of ``batch``; failures are recorded per field and do not stop the others.
+    ``threads``: the job's cores (Snakemake's ``threads``), used for the AIS blocks of each field."""
     fields = [plan["fields"][i] for i in plan["batches"][batch]]
     upstream = read_json(predict_marker)["fields"] if predict_marker else {}
     status = {}
@@ -108,7 +110,7 @@ def run_segment_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, pre
             status[f["key"]] = {"status": "failed", "n_objects": 0, "error": f.get("error") or prior.get("error")}
             continue
         try:
-            status[f["key"]], _ = segment_field(cfg, plan, f)
+            status[f["key"]], _ = segment_field(cfg, plan, f, threads)
         except (InputError, OSError, ValueError, KeyError) as e:
             traceback.print_exc()
             status[f["key"]] = {"status": "failed", "n_objects": 0, "error": f"{type(e).__name__}: {e}"}

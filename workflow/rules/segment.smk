@@ -13,8 +13,8 @@ rule segment:
         json=f"{OUT}/jobs/segment/{{batch}}.json",
     params:
         ais=CFG["ais"], labels=CFG["labels"], tiling=CFG["tiling"], method=CFG["method"],
-    threads: 1
+    threads: 4
     run:
         from pipeline_lib.steps.segment import run_segment_batch
         run_segment_batch(CFG, read_json_file(input.plan), wildcards.batch, input.get("predicted"),
-                          output.json)
+                          output.json, threads=threads)
