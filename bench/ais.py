@@ -117,8 +117,6 @@ def main() -> None:
         if micro_sam:
             a, b = res["ours"].astype(np.int64), np.asarray(res["micro-sam"]).astype(np.int64)
             agree = "identical to micro-sam" if np.array_equal(a, b) else f"mSA vs micro-sam {msa(a, b):.4f}"
-        if tile is not None:
-            pass
         ms = f"{best['micro-sam'] / mp:>10.3f}" if micro_sam else f"{'-':>10}"
         ratio = f"{best['micro-sam'] / best['ours']:>7.2f}x" if micro_sam else f"{'-':>8}"
         print(f"{name:>16} {ms} {best['ours'] / mp:>8.3f} {ratio}  {agree}", flush=True)
