@@ -82,7 +82,7 @@ def main() -> None:
     maps = oracle_maps(gt)
     mp = gt.size / 1e6
     p = AISParams()
-    print(f"{source}: {gt.shape[0]} x {gt.shape[1]}, {int(len(np.unique(gt))) - 1} nuclei; threads {args.threads}; "
+    print(f"{source}: {gt.shape[0]} x {gt.shape[1]}, {len(np.unique(gt)) - 1} nuclei; threads {args.threads}; "
           f"micro-sam {micro_sam.__version__ if micro_sam else 'not installed (column skipped)'}; "
           f"best of {args.repeats} after a warm-up, sides alternating")
 
@@ -110,7 +110,7 @@ def main() -> None:
         res = {}
         for _ in range(args.repeats):  # alternate the sides, keep each side's best
             for s, fn in sides:
-                t, res[s] = timed(lambda: fn(tile, halo), 1)
+                t, res[s] = timed(lambda fn=fn: fn(tile, halo), 1)  # noqa: B023 (called at once)
                 best[s] = min(best[s], t)
         results[name] = res
         agree = ""

@@ -149,7 +149,7 @@ def _upscaled_masks(up: torch.nn.Sequential, keys: torch.Tensor, hyper: torch.Te
     w1r, b1, w2r, b2 = _upscale_weights(up)
     ln = up[1]
     c1, c2 = up[0].weight.shape[1], up[3].weight.shape[1]
-    b, n, _ = keys.shape
+    b = keys.shape[0]
     h, w = hw
     m = hyper.shape[1]
     out = torch.empty((b, m, h, 2, 2, w, 2, 2), device=keys.device, dtype=keys.dtype)
