@@ -124,3 +124,35 @@ def test_real_plate_tiled_vs_untiled(real_plate):
         out = np.zeros(full.shape, np.uint32)
         ais_blockwise(maps, out, AISParams(), block=128, halo=32)
         assert msa(out, full) >= 0.99, path
+
+
+@pytest.mark.parametrize("params", [AISParams(min_size=10), AISParams(keep_unseeded=True, min_size=10)])
+def test_threads_and_cache_do_not_change_labels(params):
+    """Blocks on a thread pool, with or without the smoothed-map cache, give the sequential labels and
+    statistics; with one block (untiled) the threaded path equals micro-sam's reference."""
+    maps, _ = noisy_maps((300, 420), seed=4)
+    runs = []
+    for threads, cache in [(1, 0), (1, 2**30), (3, 2**30), (4, 40_000)]:  # 40 kB: some blocks recomputed
+        out = np.zeros(maps.shape[1:], np.uint32)
+        res = ais_blockwise(maps, out, params, block=64, halo=16, threads=threads, cache_bytes=cache)
+        runs.append((out, res))
+    out0, res0 = runs[0]
+    assert out0.max() > 10
+    for out, res in runs[1:]:
+        assert np.array_equal(out, out0)
+        for k in res0:
+            assert np.array_equal(np.asarray(res[k]), np.asarray(res0[k]), equal_nan=True), k
+    one = np.zeros(maps.shape[1:], np.uint32)
+    ais_blockwise(maps, one, AISParams(), block=maps.shape[1:], halo=0, threads=3)
+    assert np.array_equal(one.astype(np.int64), reference_ais(maps, AISParams()).astype(np.int64))
+
+
+def test_threaded_zarr_writes_unaligned_chunks(tmp_path):
+    """Blocks that do not cover whole chunks of the output are written under a lock: same labels."""
+    maps, _ = noisy_maps((200, 260), seed=5)
+    ref = np.zeros(maps.shape[1:], np.uint32)
+    ais_blockwise(maps, ref, AISParams(), block=48, halo=16)
+    out = zarr.create_array(str(tmp_path / "l.zarr"), shape=ref.shape, chunks=(64, 64), dtype="uint32")
+    scratch = zarr.create_array(str(tmp_path / "s.zarr"), shape=ref.shape, chunks=(64, 64), dtype="uint64")
+    ais_blockwise(maps, out, AISParams(), block=48, halo=16, scratch=scratch, threads=4)
+    assert np.array_equal(out[:], ref)

@@ -172,3 +172,17 @@ def test_empty_field_gives_empty_labels():
     out, info = apg_segment(oracle_maps(labels), 64, _oracle_decode(labels, blocks))
     assert info == {"n_prompts": 0, "n_candidates": 0}
     assert out.shape == labels.shape and out.dtype == np.uint32 and out.max() == 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_overlap_counts_bits_equal_sparse_product(seed):
+    """Both ways of counting mask intersections (sparse product, packed bits) give the same pairs."""
+    from pipeline_lib.instances.nms import overlaps
+    rng = np.random.default_rng(seed)
+    c, dense = _random_candidates(rng, n=70, shape=(90, 130))
+    inter = dense.astype(int) @ dense.T.astype(int)
+    i, j = np.nonzero(np.triu(inter, k=1))
+    for method in ("sparse", "bits", "auto"):
+        a, b, v = overlaps(c, method)
+        o = np.lexsort((b, a))
+        assert np.array_equal(a[o], i) and np.array_equal(b[o], j) and np.array_equal(v[o], inter[i, j]), method

@@ -58,3 +58,18 @@ def test_windowed_masks_equal_full_size_postprocessing(shape):
     assert n_diff <= 2  # float rounding at logit == 0 only
     assert np.allclose(np.nan_to_num(stab.numpy()), mb.stability, atol=1e-3)
     assert mb.area[3] == 0 and mb.area[4] == shape[0] * shape[1]
+
+
+def test_stability_of_small_masks_batched_with_large_ones():
+    """A small mask shares the batch's (larger) window: rows past its own support must still see all their
+    low-res sources, or its stability score counts spurious pixels above ``threshold - offset``."""
+    torch.manual_seed(2)
+    yy, xx = torch.meshgrid(torch.arange(256.), torch.arange(256.), indexing="ij")
+    c, r = torch.rand(16, 2) * 256, torch.rand(16) * 120 + 2
+    logits = 10 * (r[:, None, None] - ((yy - c[:, 0, None, None]) ** 2 + (xx - c[:, 1, None, None]) ** 2).sqrt()) / 3
+    logits += 3 * torch.randn(16, 256, 256)
+    shape = (520, 696)
+    mb = upsample_masks(logits, shape, np.zeros((16, 2), np.int64), shape[1])
+    ref, stab = reference_masks(logits, shape)
+    assert np.allclose(np.nan_to_num(stab.numpy()), mb.stability, atol=1e-6)
+    assert np.array_equal(mb.area, ref.sum((1, 2)).numpy())

@@ -54,20 +54,30 @@ def _tokens_to_image(att, q_in: torch.Tensor, x_k: torch.Tensor, x_v: torch.Tens
 
 
 def _tokens_to_image_shared(att, q_in: torch.Tensor, k_heads: torch.Tensor, v_heads: torch.Tensor,
-                            tile: torch.Tensor) -> torch.Tensor:
-    """Token->image attention when the projected image keys/values (tiles x H x N x d) are per tile."""
+                            groups: list[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
+    """Token->image attention when the projected image keys/values (tiles x H x N x d) are per tile.
+
+    One matmul per tile for all its prompts (their tokens stacked), never a per-prompt copy of the keys."""
     heads = att.num_heads
     b, t, _ = q_in.shape
-    q = att.q_proj(q_in).reshape(b, t, heads, -1).transpose(1, 2)  # B H T d
+    q = att.q_proj(q_in).reshape(b, t, heads, -1)  # B T H d
     d = q.shape[-1]
-    scores = torch.matmul(q, k_heads[tile].transpose(-1, -2)) / math.sqrt(d)  # B H T N
-    a = torch.softmax(scores, dim=-1)
-    out = torch.matmul(a, v_heads[tile])  # B H T d
-    return att.out_proj(out.transpose(1, 2).reshape(b, t, heads * d))
+    out = torch.empty_like(q)
+    for ti, sel in groups:
+        qs = q if sel is None else q[sel]
+        n = qs.shape[0]
+        qh = qs.permute(2, 0, 1, 3).reshape(heads, n * t, d) / math.sqrt(d)  # H (n T) d
+        a = torch.softmax(torch.bmm(qh, k_heads[ti].transpose(1, 2)), dim=-1)  # H (n T) N
+        o = torch.bmm(a, v_heads[ti]).reshape(heads, n, t, d).permute(1, 2, 0, 3)  # n T H d
+        if sel is None:
+            out = o
+        else:
+            out[sel] = o
+    return att.out_proj(out.reshape(b, t, heads * d))
 
 
 def _image_to_tokens_parts(att, k_in: torch.Tensor, v_in: torch.Tensor):
-    """The prompt-side factors of image->token attention: (B, C, H*T) query map, (B, 1, H*T) bias and
+    """The prompt-side factors of image->token attention: (B, H*T, C) query map, (B, H*T, 1) bias and
     (B, H*T, C) values already multiplied by the output projection."""
     heads = att.num_heads
     b, t, _ = k_in.shape
@@ -76,26 +86,38 @@ def _image_to_tokens_parts(att, k_in: torch.Tensor, v_in: torch.Tensor):
     d = k.shape[-1]
     k = k / math.sqrt(d)
     wq, bq = _heads_weight(att.q_proj, heads)  # H d C
-    m = torch.einsum("hdc,bhtd->bhct", wq, k).permute(0, 2, 1, 3).reshape(b, -1, heads * t)  # B C (H T)
-    bias = torch.einsum("hd,bhtd->bht", bq, k).reshape(b, 1, heads * t)
+    m = torch.einsum("hdc,bhtd->bhtc", wq, k).reshape(b, heads * t, -1)  # B (H T) C
+    bias = torch.einsum("hd,bhtd->bht", bq, k).reshape(b, heads * t, 1)
     wo = att.out_proj.weight.reshape(att.out_proj.weight.shape[0], heads, d)  # C H d
     vw = torch.einsum("bhtd,chd->bhtc", v, wo).reshape(b, heads * t, -1)  # B (H T) C
     return m, bias, vw, heads, t
 
 
-def _image_to_tokens_per_tile(att, x_tiles: torch.Tensor, residual: torch.Tensor, tile: torch.Tensor,
-                              k_in: torch.Tensor, v_in: torch.Tensor) -> torch.Tensor:
+def _softmax_over_tokens(scores: torch.Tensor, heads: int, t: int) -> torch.Tensor:
+    """Softmax of (B, H*T, N) image->token scores over the T prompt tokens of each head: the reduced axis is
+    not the contiguous one, so the kernel runs along the N image tokens instead of rows of length T."""
+    b, _, n = scores.shape
+    return torch.softmax(scores.reshape(b, heads, t, n), dim=2).reshape(b, heads * t, n)
+
+
+def _image_to_tokens_per_tile(att, x_tiles: torch.Tensor, residual: torch.Tensor,
+                              groups: list[tuple[int, torch.Tensor | None]], k_in: torch.Tensor,
+                              v_in: torch.Tensor) -> torch.Tensor:
     """``residual[tile] + attention`` for image->token attention whose image-side queries (tiles x N x C)
     are shared per tile: one matmul per tile for all its prompts, no per-prompt copy of the image tokens."""
     m, bias, vw, heads, t = _image_to_tokens_parts(att, k_in, v_in)
     b = m.shape[0]
     out = torch.empty((b, x_tiles.shape[1], vw.shape[-1]), device=m.device, dtype=m.dtype)
-    for ti in torch.unique(tile).tolist():
-        sel = torch.nonzero(tile == ti).flatten()
-        ms = m[sel].permute(1, 0, 2).reshape(m.shape[1], -1)  # C x (n HT)
-        sc = (x_tiles[ti] @ ms).reshape(-1, len(sel), heads * t).permute(1, 0, 2) + bias[sel]  # n N HT
-        a = torch.softmax(sc.reshape(len(sel), -1, heads, t), dim=-1).reshape(len(sel), -1, heads * t)
-        out[sel] = torch.baddbmm(att.out_proj.bias.expand(len(sel), 1, -1), a, vw[sel]) + residual[ti]
+    for ti, sel in groups:
+        ms, bs, vs = (m, bias, vw) if sel is None else (m[sel], bias[sel], vw[sel])
+        n = ms.shape[0]
+        sc = torch.matmul(ms.reshape(n * heads * t, -1), x_tiles[ti].T).reshape(n, heads * t, -1) + bs
+        a = _softmax_over_tokens(sc, heads, t)
+        o = torch.baddbmm((residual[ti] + att.out_proj.bias).expand(n, -1, -1), a.transpose(1, 2), vs)
+        if sel is None:
+            out = o
+        else:
+            out[sel] = o
     return out
 
 
@@ -103,9 +125,43 @@ def _image_to_tokens(att, x_q: torch.Tensor, k_in: torch.Tensor, v_in: torch.Ten
     """Attention with queries = B x N image tokens and keys/values = B x T prompt tokens."""
     m, bias, vw, heads, t = _image_to_tokens_parts(att, k_in, v_in)
     b = m.shape[0]
-    scores = torch.baddbmm(bias, x_q, m).reshape(b, -1, heads, t)  # B N H T
-    a = torch.softmax(scores, dim=-1).reshape(b, -1, heads * t)
-    return torch.baddbmm(att.out_proj.bias.expand(b, 1, -1), a, vw)
+    a = _softmax_over_tokens(torch.baddbmm(bias, m, x_q.transpose(1, 2)), heads, t)  # B (H T) N
+    return torch.baddbmm(att.out_proj.bias.expand(b, 1, -1), a.transpose(1, 2), vw)
+
+
+def _upscale_weights(up: torch.nn.Sequential) -> tuple[torch.Tensor, ...]:
+    """SAM's ``output_upscaling`` (2x2 stride-2 transposed conv, LayerNorm2d, GELU, 2x2 stride-2 transposed
+    conv, GELU) as per-pixel matrices: a 2x2 stride-2 transposed conv maps each input pixel to its own
+    2x2 output patch, i.e. it is one matmul (C_in -> 4 C_out) per pixel."""
+    w1, b1 = up[0].weight, up[0].bias  # C_in C_out 2 2
+    w2, b2 = up[3].weight, up[3].bias
+    w1r = w1.permute(0, 2, 3, 1).reshape(w1.shape[0], -1)  # C_in (i j C_out)
+    w2r = w2.permute(0, 2, 3, 1).reshape(w2.shape[0], -1)
+    return w1r, b1.repeat(4), w2r, b2.repeat(4)
+
+
+def _upscaled_masks(up: torch.nn.Sequential, keys: torch.Tensor, hyper: torch.Tensor, hw: tuple[int, int],
+                    chunk: int = 4) -> torch.Tensor:
+    """Mask logits (B, M, 4h, 4w) = hypernetwork outputs (B, M, c) . upscaled image tokens (B, h*w, C).
+
+    The same arithmetic as ``hyper @ output_upscaling(keys)`` kept channels-last throughout (no transposed
+    convolution, no layout copies), in chunks of prompts so the largest intermediate stays small."""
+    w1r, b1, w2r, b2 = _upscale_weights(up)
+    ln = up[1]
+    c1, c2 = up[0].weight.shape[1], up[3].weight.shape[1]
+    b = keys.shape[0]
+    h, w = hw
+    m = hyper.shape[1]
+    out = torch.empty((b, m, h, 2, 2, w, 2, 2), device=keys.device, dtype=keys.dtype)
+    for s in range(0, b, chunk):
+        k = keys[s:s + chunk]
+        z = torch.addmm(b1, k.reshape(-1, k.shape[-1]), w1r).reshape(-1, c1)  # (b n i j) C1
+        z = F.gelu(F.layer_norm(z, (c1,), ln.weight, ln.bias, ln.eps))
+        z = F.gelu(torch.addmm(b2, z, w2r))  # (b n i j) (k l C2)
+        z = torch.bmm(z.reshape(len(k), -1, c2), hyper[s:s + chunk].transpose(1, 2))  # b (n i j k l) M
+        # (y x i j k l) -> pixel (4y + 2i + k, 4x + 2j + l)
+        out[s:s + chunk] = z.reshape(len(k), h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
+    return out.reshape(b, m, 4 * h, 4 * w)
 
 
 class PromptDecoder:
@@ -154,6 +210,7 @@ class PromptDecoder:
         if labels is None:
             labels = torch.ones(coords.shape[:2], device=self.device)
         labels = labels.to(self.device, torch.float32)
+        groups = _tile_groups(tile)
         md, tr = self.md, self.tr
         sparse = self._sparse(coords, labels)
         out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
@@ -162,7 +219,7 @@ class PromptDecoder:
         pe = st["pe"]
         queries = tokens
         keys = None
-        for i, layer in enumerate(tr.layers):
+        for layer in tr.layers:
             if layer.skip_first_layer_pe:
                 queries = layer.self_attn(q=queries, k=queries, v=queries)
             else:
@@ -171,7 +228,7 @@ class PromptDecoder:
             queries = layer.norm1(queries)
             if keys is None:  # first layer: image tokens are still per tile
                 attn = _tokens_to_image_shared(layer.cross_attn_token_to_image, queries + query_pe,
-                                               st["k1"], st["v1"], tile)
+                                               st["k1"], st["v1"], groups)
             else:
                 keys_pe = keys + pe
                 attn = _tokens_to_image(layer.cross_attn_token_to_image, queries + query_pe, keys_pe, keys)
@@ -179,7 +236,7 @@ class PromptDecoder:
             queries = layer.norm3(queries + layer.mlp(queries))
             if keys is None:
                 keys = layer.norm4(_image_to_tokens_per_tile(layer.cross_attn_image_to_token, st["src_pe"],
-                                                             st["src"], tile, queries + query_pe, queries))
+                                                             st["src"], groups, queries + query_pe, queries))
             else:
                 keys = layer.norm4(keys + _image_to_tokens(layer.cross_attn_image_to_token, keys_pe,
                                                            queries + query_pe, queries))
@@ -188,20 +245,19 @@ class PromptDecoder:
 
         first, n_masks = (1, md.num_mask_tokens - 1) if multimask else (0, 1)
         mask_tokens = queries[:, 1 + first:1 + first + n_masks, :]
-        h, w = st["hw"]
-        b = keys.shape[0]
-        x = keys.transpose(1, 2).reshape(b, -1, h, w)
-        up = md.output_upscaling
-        x = up[0](x)
-        x = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), up[1].weight, up[1].bias, up[1].eps)
-        x = up[3](up[2](x).permute(0, 3, 1, 2))
-        x = up[4](x)
         hyper = torch.stack([md.output_hypernetworks_mlps[first + j](mask_tokens[:, j, :]) for j in range(n_masks)],
                             dim=1)
-        bb, c, hh, ww = x.shape
-        masks = torch.bmm(hyper, x.reshape(bb, c, hh * ww)).reshape(bb, n_masks, hh, ww)
+        masks = _upscaled_masks(md.output_upscaling, keys, hyper, st["hw"])
         iou = md.iou_prediction_head(queries[:, 0, :])[:, first:first + n_masks]
         return masks, iou
+
+
+def _tile_groups(tile: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
+    """(tile index, indices of its prompts) per tile of a batch; None when all prompts share one tile."""
+    ids = torch.unique(tile).tolist()
+    if len(ids) == 1:
+        return [(ids[0], None)]
+    return [(ti, torch.nonzero(tile == ti).flatten()) for ti in ids]
 
 
 @torch.no_grad()

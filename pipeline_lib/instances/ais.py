@@ -17,7 +17,10 @@ of their own. micro-sam's smoothing removes the seeds of small objects, which ar
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import product
 from typing import Any, Callable, Sequence
@@ -28,6 +31,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from ..tiling import Block, block_grid
+
+CACHE_BYTES = 512 * 2**20  # smoothed block maps kept between the seed and watershed passes
 
 
 @dataclass
@@ -56,12 +61,18 @@ def _smooth(x: np.ndarray, sigma: float) -> np.ndarray:
 
 def block_masks(maps: np.ndarray, p: AISParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(foreground mask, seed mask, watershed heightmap) for maps of shape (3, *spatial)."""
-    fg = _smooth(maps[0], p.foreground_smoothing)
-    center = _smooth(maps[1], p.distance_smoothing)
-    boundary = _smooth(maps[2], p.distance_smoothing)
+    fg, center, boundary = _smooth_all(maps, p)
     fg_mask = fg > p.foreground_threshold
     seeds = (center < p.center_distance_threshold) & (boundary < p.boundary_distance_threshold) & fg_mask
     return fg_mask, seeds, boundary
+
+
+def _smooth_all(maps: np.ndarray, p: AISParams, pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
+    """The three smoothed maps (foreground, center, boundary), concurrently when ``pool`` is given."""
+    sigmas = (p.foreground_smoothing, p.distance_smoothing, p.distance_smoothing)
+    if pool is None:
+        return [_smooth(m, s) for m, s in zip(maps, sigmas)]
+    return list(pool.map(_smooth, maps, sigmas))
 
 
 def ais_single(maps: np.ndarray, p: AISParams) -> np.ndarray:
@@ -92,8 +103,8 @@ class _GlobalIds:
         self.scratch = scratch
         self.blocks = blocks
         self.block_shape = tuple(block_shape)
-        self.by_index = {b.index: b for b in blocks}
-        self.offsets: dict[tuple[int, ...], int] = {}
+        self.grid = tuple(max(b.index[a] for b in blocks) + 1 for a in range(len(self.block_shape)))
+        self.offsets = np.zeros(self.grid, np.int64)
 
     def set_counts(self, counts: dict[tuple[int, ...], int], start: int = 0) -> int:
         total = start
@@ -105,24 +116,52 @@ class _GlobalIds:
     def read(self, region: tuple[slice, ...]) -> np.ndarray:
         """Global ids (0 = none) over ``region``, which may span several blocks."""
         local = np.asarray(self.scratch[region]).astype(np.int64)
+        off = self.offsets[np.ix_(*(np.arange(s.start, s.stop) // b for s, b in zip(region, self.block_shape)))]
+        np.add(local, off, out=local, where=local > 0)
+        return local
+
+    def read_mapped(self, region: tuple[slice, ...], mapping: np.ndarray, dtype: Any) -> np.ndarray:
+        """``mapping[global ids]`` over ``region`` as ``dtype``, in one gather per block it spans (through a
+        per-block lookup table, so no int64 copy of the region is made)."""
+        out = np.empty(tuple(s.stop - s.start for s in region), dtype)
         first = [s.start // b for s, b in zip(region, self.block_shape)]
         last = [(s.stop - 1) // b for s, b in zip(region, self.block_shape)]
         for idx in product(*(range(f, l_ + 1) for f, l_ in zip(first, last))):
-            blk = self.by_index[idx]
-            sub = tuple(slice(max(bi.start, r.start) - r.start, min(bi.stop, r.stop) - r.start)
-                        for bi, r in zip(blk.inner, region))
-            part = local[sub]
-            part[part > 0] += self.offsets[idx]
-        return local
+            sub = tuple(slice(max(i * b, r.start), min((i + 1) * b, r.stop)) for i, b, r in
+                        zip(idx, self.block_shape, region))
+            local = np.asarray(self.scratch[sub])
+            o = int(self.offsets[idx])
+            lut = mapping[o:o + int(local.max(initial=0)) + 1].astype(dtype)
+            lut[0] = 0
+            out[tuple(slice(s.start - r.start, s.stop - r.start) for s, r in zip(sub, region))] = lut[local]
+        return out
+
+    def _face_regions(self, shape: Sequence[int]):
+        """Slabs of two planes around every internal block face along each axis, one per grid line and block
+        row (the last other axis taken whole), extended by one pixel along the other axes."""
+        nd = len(shape)
+        for axis in range(nd):
+            full = (nd - 1 if axis != nd - 1 else nd - 2) if nd > 1 else None
+            rest = [a for a in range(nd) if a not in (axis, full)]
+            for line in range(1, self.grid[axis]):
+                c = line * self.block_shape[axis]
+                for idx in product(*(range(self.grid[a]) for a in rest)):
+                    region = [slice(0, shape[a]) for a in range(nd)]
+                    region[axis] = slice(c - 1, c + 1)
+                    for a, i in zip(rest, idx):
+                        b = self.block_shape[a]
+                        region[a] = slice(max(i * b - 1, 0), min((i + 1) * b + 1, shape[a]))
+                    yield tuple(region)
 
     def merge_edges(self, shape: Sequence[int]) -> np.ndarray:
-        """(n, 2) pairs of global ids whose pixels touch across block boundaries (full connectivity)."""
+        """(n, 2) pairs of global ids whose pixels touch across block faces (full connectivity).
+
+        Only the two planes on either side of each block face are read: within a block, touching pixels
+        always share their label (its components are full-connectivity ones).
+        """
         edges = []
         offs = _half_offsets(len(shape))
-        for blk in self.blocks:
-            region = tuple(slice(s.start, min(s.stop + 1, n)) for s, n in zip(blk.inner, shape))
-            if all(s.stop == b.stop for s, b in zip(region, blk.inner)):
-                continue  # no neighbour above in any axis
+        for region in self._face_regions(shape):
             ids = self.read(region)
             for d in offs:
                 src = tuple(slice(max(0, -o), n - max(0, o)) for o, n in zip(d, ids.shape))
@@ -130,9 +169,8 @@ class _GlobalIds:
                 a, b = ids[src], ids[dst]
                 sel = (a > 0) & (b > 0) & (a != b)
                 if sel.any():
-                    pairs = np.stack([a[sel], b[sel]], axis=1)
-                    edges.append(np.unique(pairs, axis=0))
-        return np.concatenate(edges) if edges else np.zeros((0, 2), dtype=np.int64)
+                    edges.append(np.stack([a[sel], b[sel]], axis=1))
+        return np.unique(np.concatenate(edges), axis=0) if edges else np.zeros((0, 2), dtype=np.int64)
 
 
 def _components(n: int, edges: np.ndarray) -> np.ndarray:
@@ -156,14 +194,61 @@ def _components(n: int, edges: np.ndarray) -> np.ndarray:
     return mapping
 
 
+class _Writes:
+    """Writes of block regions into an array-like from worker threads: a lock unless the target is numpy or
+    each block covers whole chunks (shards) of it, where concurrent writes never touch the same chunk."""
+
+    def __init__(self, arr: Any, block: Sequence[int]):
+        target = getattr(arr, "array", arr)  # LeadingView / Plane2DView
+        grid = getattr(target, "shards", None) or getattr(target, "chunks", None)
+        aligned = isinstance(target, np.ndarray) or (
+            grid is not None and all(b % c == 0 for b, c in zip(block, tuple(grid)[-len(block):])))
+        self.arr, self.lock = arr, (contextlib.nullcontext() if aligned else threading.Lock())
+
+    def __setitem__(self, region: tuple[slice, ...], value: np.ndarray) -> None:
+        with self.lock:
+            self.arr[region] = value
+
+
+def _sums(ids: np.ndarray, origin: Sequence[int]) -> tuple[int, np.ndarray, np.ndarray]:
+    """(lowest id, pixel counts, coordinate sums per axis) of the non-zero ids of a block whose first pixel
+    is at ``origin``; the counts cover ids lo..max only, so memory follows the block, not the field."""
+    flat = ids.ravel()
+    nz = np.flatnonzero(flat != 0)
+    if not len(nz):
+        return 0, np.zeros(0, np.int64), np.zeros((ids.ndim, 0))
+    v = flat[nz].astype(np.int64)
+    lo = int(v.min())
+    v -= lo
+    counts = np.bincount(v)
+    coords = []
+    for n in ids.shape[:0:-1]:  # C order: peel the last axis off the flat index
+        nz, c = np.divmod(nz, n)
+        coords.append(c)
+    coords.append(nz)
+    # integer sums are exact in float64, so adding the origin afterwards changes nothing
+    csum = np.stack([np.bincount(v, weights=c) + o * counts for c, o in zip(coords[::-1], origin)])
+    return lo, counts, csum
+
+
+def _add_sums(area: np.ndarray, csum: np.ndarray, part: tuple[int, np.ndarray, np.ndarray]) -> None:
+    lo, counts, s = part
+    area[lo:lo + len(counts)] += counts
+    csum[:, lo:lo + len(counts)] += s
+
+
 def ais_blockwise(maps: Any, out: Any, p: AISParams, block: int | Sequence[int],
                   halo: int | Sequence[int], scratch: Any = None,
-                  progress: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+                  progress: Callable[[str, int], None] | None = None, threads: int = 1,
+                  cache_bytes: int = CACHE_BYTES) -> dict[str, Any]:
     """AIS over ``maps`` (array-like (3, *spatial), read lazily) into ``out`` (array-like, uint32).
 
-    ``scratch`` is an int64/uint64 array-like of the spatial shape for temporary block labels (numpy when
-    None). Memory per step is bounded by one block with its halo. Returns the object statistics
-    (``label``, ``area``, ``centroid`` per axis) and the number of objects.
+    ``scratch`` is an integer array-like of the spatial shape for temporary block labels (numpy when None).
+    Blocks run on ``threads`` worker threads (the smoothing and labelling release the GIL); the labels do
+    not depend on the thread count. Each block's smoothed maps are computed once: the first pass keeps
+    its foreground mask and heightmap for the watershed pass while they fit in ``cache_bytes`` (the rest is
+    recomputed), so memory is bounded by that budget plus one block with its halo per thread. Returns the
+    object statistics (``label``, ``area``, ``centroid`` per axis) and the number of objects.
     """
     shape = tuple(out.shape)
     ndim = len(shape)
@@ -173,54 +258,115 @@ def ais_blockwise(maps: Any, out: Any, p: AISParams, block: int | Sequence[int],
     reach = smoothing_reach(p)
     halo_t = tuple(max(h, reach) if b < s else 0 for h, b, s in zip(halo_t, block, shape))
     blocks = block_grid(shape, block, halo_t)
-    if scratch is None:
-        scratch = np.zeros(shape, dtype=np.uint64)
+    if scratch is None:  # local labels of one block: uint32 is plenty
+        scratch = np.zeros(shape, dtype=np.uint32)
     step = progress or (lambda name, i: None)
+    threads = max(1, int(threads))
+    out_w, scratch_w = _Writes(out, block), _Writes(scratch, block)
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(threads)) if threads > 1 and len(blocks) > 1 else None
+        # fewer blocks than threads (e.g. untiled): the three maps of a block are smoothed concurrently
+        inner_pool = (stack.enter_context(ThreadPoolExecutor(min(3, threads)))
+                      if threads > 1 and len(blocks) < threads else None)
+        run = pool.map if pool is not None else map
+        return _ais_passes(maps, out, p, blocks, block, shape, scratch, out_w, scratch_w, run, inner_pool,
+                           step, cache_bytes)
 
-    def maps_at(region):
-        return np.asarray(maps[(slice(None),) + region], dtype=np.float32)
 
-    # pass 1: local seed labels per block
+def _ais_passes(maps, out, p, blocks, block, shape, scratch, out_w, scratch_w, run, inner_pool, step,
+                cache_bytes) -> dict[str, Any]:
+    ndim = len(shape)
+    cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+    budget = [int(cache_bytes)]
+    single = len(blocks) == 1
+    lock = threading.Lock()
+
+    def maps_at(region, channel=slice(None)):
+        return np.asarray(maps[(channel,) + region], dtype=np.float32)
+
+    def masks_for_watershed(blk):
+        """(foreground mask, heightmap) over the block with its halo: from the cache, or recomputed."""
+        with lock:
+            hit = cache.pop(blk.index, None)
+        if hit is not None:
+            return hit
+        fg = _smooth(maps_at(blk.outer, 0), p.foreground_smoothing)  # the center distance is not needed
+        return fg > p.foreground_threshold, _smooth(maps_at(blk.outer, 2), p.distance_smoothing), None
+
+    # pass 1: local seed labels per block (maps smoothed once, kept for pass 2 within the budget)
+    def seeds_of(blk):
+        fg, center, boundary = _smooth_all(maps_at(blk.outer), p, inner_pool)
+        fg_mask = fg > p.foreground_threshold
+        il = blk.inner_local
+        seed = (center[il] < p.center_distance_threshold) & (boundary[il] < p.boundary_distance_threshold) \
+            & fg_mask[il]
+        lab, n = _label(seed)
+        if single:  # one block, no halo: its seed labels are the watershed markers (ids stay as they are)
+            cache[blk.index] = (fg_mask, boundary, lab.astype(np.uint32) if n < 2**32 else lab)
+            return n
+        scratch_w[blk.inner] = lab.astype(scratch.dtype, copy=False)
+        nbytes = fg_mask.nbytes + boundary.nbytes
+        with lock:
+            if budget[0] >= nbytes:
+                budget[0] -= nbytes
+                cache[blk.index] = (fg_mask, boundary, None)
+        return n
+
     seeds = _GlobalIds(scratch, blocks, block)
     counts = {}
-    for i, blk in enumerate(blocks):
-        _, seed_mask, _ = block_masks(maps_at(blk.outer), p)
-        lab, n = _label(seed_mask[blk.inner_local])
-        scratch[blk.inner] = lab.astype(np.uint64)
+    for i, (blk, n) in enumerate(zip(blocks, run(seeds_of, blocks))):
         counts[blk.index] = n
         step("seeds", i)
     n_seeds = seeds.set_counts(counts)
     seed_map = _components(n_seeds, seeds.merge_edges(shape))
     n_ws = int(seed_map.max())
+    # the watershed runs faster on 32-bit markers; labels are the same for any marker dtype
+    marker_dtype = np.uint32 if n_ws < 2**32 else np.uint64
 
-    # pass 2: seeded watershed per block with halo, global seed ids
-    sizes = np.zeros(n_ws + 1, dtype=np.int64)
-    for i, blk in enumerate(blocks):
-        fg_mask, _, hmap = block_masks(maps_at(blk.outer), p)
-        markers = seed_map[seeds.read(blk.outer)].astype(np.uint64)
+    # pass 2: seeded watershed per block with halo, global seed ids; object sums of the inner part
+    def watershed_of(blk):
+        fg_mask, hmap, markers = masks_for_watershed(blk)
+        if markers is None:
+            markers = seeds.read_mapped(blk.outer, seed_map, marker_dtype)
         ws = bic.segmentation.watershed(hmap, markers=markers, mask=fg_mask)[blk.inner_local]
-        out[blk.inner] = ws.astype(np.uint32)
-        sizes += np.bincount(ws.ravel().astype(np.int64), minlength=n_ws + 1)
+        out_w[blk.inner] = ws.astype(np.uint32, copy=False)
+        if p.keep_unseeded:  # the rescue pass needs the inner foreground mask
+            with lock:
+                cache[blk.index] = (np.ascontiguousarray(fg_mask[blk.inner_local]), None, None)
+        return _sums(ws, [s.start for s in blk.inner])
+
+    sizes = np.zeros(n_ws + 1, dtype=np.int64)
+    csum = np.zeros((ndim, n_ws + 1))
+    for i, part in enumerate(run(watershed_of, blocks)):
+        _add_sums(sizes, csum, part)
         step("watershed", i)
 
     # optional pass: foreground components without any seed become objects
     n_rescued = 0
+    rest = rest_map = None
     if p.keep_unseeded:
         rest = _GlobalIds(scratch, blocks, block)
-        counts = {}
-        for i, blk in enumerate(blocks):
-            fg_mask, _, _ = block_masks(maps_at(blk.outer), p)
-            lab, n = _label(fg_mask[blk.inner_local] & (np.asarray(out[blk.inner]) == 0))
-            scratch[blk.inner] = lab.astype(np.uint64)
-            counts[blk.index] = n
+
+        def unseeded_of(blk):
+            with lock:
+                hit = cache.pop(blk.index, None)
+            fg_in = hit[0] if hit is not None else masks_for_watershed(blk)[0][blk.inner_local]
+            lab, n = _label(fg_in & (np.asarray(out[blk.inner]) == 0))
+            scratch_w[blk.inner] = lab.astype(scratch.dtype, copy=False)
+            return n
+
+        counts = {blk.index: n for blk, n in zip(blocks, run(unseeded_of, blocks))}
         n_rest = rest.set_counts(counts)
         rest_map = _components(n_rest, rest.merge_edges(shape))
         n_rescued = int(rest_map.max())
         rest_sizes = np.zeros(n_rescued + 1, dtype=np.int64)
-        for blk in blocks:
-            ids = rest_map[rest.read(blk.inner)]
-            rest_sizes += np.bincount(ids.ravel(), minlength=n_rescued + 1)
+        rest_csum = np.zeros((ndim, n_rescued + 1))
+        for part in run(lambda blk: _sums(rest_map[rest.read(blk.inner)], [s.start for s in blk.inner]),
+                        blocks):
+            _add_sums(rest_sizes, rest_csum, part)
         sizes = np.concatenate([sizes, rest_sizes[1:]])
+        csum = np.concatenate([csum, rest_csum[:, 1:]], axis=1)
+    cache.clear()
 
     # global lookup: size filter + consecutive ids (micro-sam drops objects with size < min_size)
     keep = sizes >= max(p.min_size, 1)
@@ -228,27 +374,20 @@ def ais_blockwise(maps: Any, out: Any, p: AISParams, block: int | Sequence[int],
     final = np.zeros(len(sizes), dtype=np.int64)
     final[keep] = np.arange(1, int(keep.sum()) + 1)
     n_final = int(keep.sum())
-    identity = n_rescued == 0 and n_final == n_ws
 
-    # pass 3: apply the lookup and measure
-    area = np.zeros(n_final + 1, dtype=np.int64)
-    csum = np.zeros((ndim, n_final + 1), dtype=np.float64)
-    for i, blk in enumerate(blocks):
-        ids = np.asarray(out[blk.inner]).astype(np.int64)
-        if not identity:
+    # pass 3: apply the lookup (not needed when it is the identity)
+    if not (n_rescued == 0 and n_final == n_ws):
+        def relabel(blk):
+            ids = np.asarray(out[blk.inner]).astype(np.int64)
             if n_rescued:
                 r = rest_map[rest.read(blk.inner)]
                 ids = np.where(ids > 0, ids, np.where(r > 0, r + n_ws, 0))
-            ids = final[ids]
-            out[blk.inner] = ids.astype(np.uint32)
-        flat = ids.ravel()
-        area += np.bincount(flat, minlength=n_final + 1)
-        grids = np.indices(ids.shape)
-        for ax in range(ndim):
-            csum[ax] += np.bincount(flat, weights=(grids[ax] + blk.inner[ax].start).ravel(),
-                                    minlength=n_final + 1)
-        step("relabel", i)
+            out_w[blk.inner] = final[ids].astype(np.uint32)
+
+        for i, _ in enumerate(run(relabel, blocks)):
+            step("relabel", i)
+    area = sizes[keep]
     with np.errstate(invalid="ignore", divide="ignore"):
-        centroid = csum[:, 1:] / area[1:]
-    return {"n_objects": n_final, "label": np.arange(1, n_final + 1), "area": area[1:],
+        centroid = csum[:, keep] / area
+    return {"n_objects": n_final, "label": np.arange(1, n_final + 1), "area": area,
             "centroid": centroid, "n_seeds": n_ws, "n_rescued": int((final[n_ws + 1:] > 0).sum())}

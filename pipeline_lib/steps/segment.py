@@ -82,7 +82,8 @@ def write_field_labels(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, A
     return label_table(f, np.arange(1, n + 1), area[1:], np.stack([cy[1:], cx[1:]]))
 
 
-def segment_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]) -> tuple[dict, pd.DataFrame]:
+def segment_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any],
+                  threads: int = 1) -> tuple[dict, pd.DataFrame]:
     maps = zarr.open_array(os.path.join(f["predictions"], "0"), mode="r")
     check_chunks(maps, os.path.join(f["predictions"], "0"), cfg["missing_chunks"])
     img, group = _label_group(cfg, plan, f)
@@ -99,7 +100,7 @@ def segment_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]) 
         bar = stack.enter_context(tqdm(total=2 * n_blocks, desc=f"  AIS {f['key']}", unit="block", leave=False,
                                        file=sys.stderr, disable=n_blocks < 4))  # progress within a big field
         res = ais_blockwise(maps, out, ais_params(cfg), block=cfg["tiling"]["tile"], halo=cfg["tiling"]["halo"],
-                            scratch=scratch, progress=lambda name, i: bar.update())
+                            scratch=scratch, progress=lambda name, i: bar.update(), threads=threads)
     finish_labels(img, group, res["label"])
     table = label_table(f, res["label"], res["area"], res["centroid"])
     info = {"status": "ok" if res["n_objects"] else "empty", "n_objects": res["n_objects"],
@@ -108,15 +109,16 @@ def segment_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]) 
 
 
 def run_segment_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, predict_marker: str | None,
-                      out_json: str) -> dict[str, Any]:
-    """Segment every field of ``batch``; failures are recorded per field and do not stop the others."""
+                      out_json: str, threads: int = 1) -> dict[str, Any]:
+    """Segment every field of ``batch``; failures are recorded per field and do not stop the others.
+    ``threads``: the job's cores (Snakemake's ``threads``), used for the AIS blocks of each field."""
     fields = [plan["fields"][i] for i in plan["batches"][batch]]
     upstream = read_json(predict_marker)["fields"] if predict_marker else {}
     def work(f: dict[str, Any]) -> dict[str, Any]:
         prior = upstream.get(f["key"], {})
         if prior.get("status") == "failed":
             return failed(prior.get("error"), n_objects=0)
-        return segment_field(cfg, plan, recheck_field(cfg, plan, f))[0]
+        return segment_field(cfg, plan, recheck_field(cfg, plan, f), threads)[0]
 
     status = run_units([(f["key"], f) for f in fields], work, f"segment {batch}",
                        on_error=lambda f, err: failed(err, n_objects=0))

@@ -6,7 +6,7 @@ rule segment:
         json=f"{OUT}/jobs/segment/{{batch}}.json",
     params:
         ais=CFG["ais"], labels=CFG["labels"], tiling=CFG["tiling"], method=CFG["method"],
-    threads: 1
+    threads: 4
     benchmark:
         f"{OUT}/benchmarks/segment/{{batch}}.tsv"
     log:
@@ -14,4 +14,4 @@ rule segment:
     run:
         from pipeline_lib.steps.segment import run_segment_batch
         logged(log, lambda: run_segment_batch(
-            CFG, read_json_file(input.plan), wildcards.batch, input.get("predicted"), output.json))
+            CFG, read_json_file(input.plan), wildcards.batch, input.get("predicted"), output.json, threads=threads))

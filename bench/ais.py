@@ -1,0 +1,137 @@
+"""Time our AIS post-processing (``ais_blockwise``) against micro-sam's on the same decoder maps.
+
+The maps are oracle maps (``embed/oracle.py``) of a 2048 x 2048 mosaic of real DSB 2018 nuclei
+(../shared/data/dsb2018_fluo_subset50; synthetic blobs when it is absent). micro-sam's side is
+``InstanceSegmentationWithDecoder.generate`` with the maps injected (tiled: ``tile_shape``/``halo``/``n_threads``,
+its block-parallel path); ours is ``ais_blockwise`` with the same block, halo and thread count. Each row is
+the best of ``--repeats`` runs after one warm-up, the two sides alternating, reported in seconds per
+megapixel, with the agreement of the two label images (identical, or their mSA). micro-sam 1.8.14 is only
+importable in the benchmark environment (``PYTHONPATH=/work/msam`` here, ``make bench-env``); without it
+only our column is printed.
+
+    python bench/ais.py [--size 2048] [--threads N] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+DSB = REPO.parent / "shared" / "data" / "dsb2018_fluo_subset50"
+CELL = 256
+
+
+def dsb_mosaic(size: int) -> tuple[np.ndarray, str]:
+    """(size x size label mosaic, source): 256 x 256 crops of the DSB label images on a grid, ids offset."""
+    cells = -(-size // CELL)
+    out = np.zeros((cells * CELL, cells * CELL), np.int64)
+    if not DSB.exists():
+        from pipeline_lib.io.synthetic import blob_field
+        _, lab = blob_field((size, size), n=size * size // 900, seed=0)
+        return lab.astype(np.int64), "synthetic blobs"
+    import tifffile
+    meta = json.loads((DSB / "metadata.json").read_text())
+    offset = 0
+    for k in range(cells * cells):
+        m = meta[k % len(meta)]
+        lab = tifffile.imread(DSB / "labels" / f"{m['id']}.tif").astype(np.int64)
+        # second use of an image: its opposite corner
+        y0 = 0 if (k // len(meta)) % 2 == 0 else lab.shape[0] - CELL
+        x0 = 0 if (k // len(meta)) % 2 == 0 else lab.shape[1] - CELL
+        crop = lab[y0:y0 + CELL, x0:x0 + CELL]
+        _, crop = np.unique(crop, return_inverse=True)  # consecutive, 0 stays 0 (always present)
+        crop = crop.reshape(CELL, CELL)
+        cy, cx = divmod(k, cells)
+        out[cy * CELL:(cy + 1) * CELL, cx * CELL:(cx + 1) * CELL] = np.where(crop > 0, crop + offset, 0)
+        offset += int(crop.max())
+    return out[:size, :size], f"DSB 2018 ({len(meta)} images, {CELL} px crops)"
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    best, res = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    from pipeline_lib.embed.oracle import oracle_maps
+    from pipeline_lib.instances.ais import AISParams, ais_blockwise
+    from pipeline_lib.measure.metrics import mean_segmentation_accuracy as msa
+
+    try:
+        import micro_sam
+        from micro_sam.instance_segmentation import InstanceSegmentationWithDecoder
+    except ImportError:
+        micro_sam = None
+    gt, source = dsb_mosaic(args.size)
+    maps = oracle_maps(gt)
+    mp = gt.size / 1e6
+    p = AISParams()
+    print(f"{source}: {gt.shape[0]} x {gt.shape[1]}, {len(np.unique(gt)) - 1} nuclei; threads {args.threads}; "
+          f"micro-sam {micro_sam.__version__ if micro_sam else 'not installed (column skipped)'}; "
+          f"best of {args.repeats} after a warm-up, sides alternating")
+
+    def ours(tile, halo):
+        out = np.zeros(gt.shape, np.uint32)
+        ais_blockwise(maps, out, p, block=tile or max(gt.shape), halo=halo or 0, threads=args.threads)
+        return out
+
+    def theirs(tile, halo):
+        seg = InstanceSegmentationWithDecoder(None, None)
+        # fresh copies: micro-sam's tiled path may smooth the maps it is given in place
+        seg._foreground, seg._center_distances, seg._boundary_distances = (m.copy() for m in maps)
+        seg._is_initialized = True
+        kw = {"tile_shape": (tile, tile), "halo": (halo, halo), "n_threads": args.threads} if tile else {}
+        return seg.generate(min_size=p.min_size, **kw)
+
+    rows = [("tiled 512/64", 512, 64), ("tiled 128/32", 128, 32), ("untiled", None, None)]
+    results = {}
+    print(f"{'s per megapixel':>16} {'micro-sam':>10} {'ours':>8} {'speed-up':>8}  agreement")
+    for name, tile, halo in rows:
+        sides = [("ours", ours)] + ([("micro-sam", theirs)] if micro_sam else [])
+        for _, fn in sides:
+            fn(tile, halo)  # warm-up
+        best = {s: float("inf") for s, _ in sides}
+        res = {}
+        for _ in range(args.repeats):  # alternate the sides, keep each side's best
+            for s, fn in sides:
+                t, res[s] = timed(lambda fn=fn: fn(tile, halo), 1)  # noqa: B023 (called at once)
+                best[s] = min(best[s], t)
+        results[name] = res
+        agree = ""
+        if micro_sam:
+            a, b = res["ours"].astype(np.int64), np.asarray(res["micro-sam"]).astype(np.int64)
+            agree = "identical to micro-sam" if np.array_equal(a, b) else f"mSA vs micro-sam {msa(a, b):.4f}"
+        ms = f"{best['micro-sam'] / mp:>10.3f}" if micro_sam else f"{'-':>10}"
+        ratio = f"{best['micro-sam'] / best['ours']:>7.2f}x" if micro_sam else f"{'-':>8}"
+        print(f"{name:>16} {ms} {best['ours'] / mp:>8.3f} {ratio}  {agree}", flush=True)
+    full = results["untiled"]["ours"]
+    for name in ("tiled 512/64", "tiled 128/32"):
+        t = results[name]["ours"]
+        same = np.array_equal(t, full)
+        print(f"ours {name} vs ours untiled: {'identical' if same else f'mSA {msa(t, full):.4f}'}", end="")
+        if micro_sam:
+            a, b = np.asarray(results[name]["micro-sam"]), np.asarray(results["untiled"]["micro-sam"])
+            print(f"; micro-sam {name} vs micro-sam untiled: "
+                  f"{'identical' if np.array_equal(a, b) else f'mSA {msa(a, b):.4f}'}", end="")
+        print()
+    print(f"mSA against the ground truth: ours untiled {msa(full, gt):.4f}")
+
+
+if __name__ == "__main__":
+    main()
