@@ -33,7 +33,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
