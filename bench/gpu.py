@@ -215,7 +215,7 @@ def run_method(args, method: str, workdir: Path) -> dict:
     out = workdir / f"out_{method}"
     shutil.rmtree(out, ignore_errors=True)
     cfg = validate_config({"input": str(plate), "output": str(out), "method": method,
-                           "labels": {"name": f"bench_{method}"},
+                           "labels": {"name": f"bench_{method}"}, "tiling": {"tile": args.tile},
                            "model": {**files, "device": args.device},
                            "encoder": {"batch_size": args.e2e_batch, "precision": args.e2e_precision},
                            "batching": {"fields_per_job": 10**6}})
@@ -291,12 +291,14 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true",
-                    help="CPU smoke setting: ViT-B encoder only at batch 1, 1 timed call; tiny model on 2 fields")
+                    help="CPU smoke setting: ViT-B encoder only, 512 x 512, batch 1, 1 timed call; "
+                    "tiny model on 2 fields, one 1024 tile each")
     ap.add_argument("--budget-s", type=float, default=450.0, help="wall-clock bound of the whole run")
     ap.add_argument("--sections", default="encoder,apg,ais")
     ap.add_argument("--models", default=None, help="encoder shapes (default vit_b,vit_l,vit_h; vit_b with --small)")
     ap.add_argument("--precisions", default="fp32,bf16")
-    ap.add_argument("--img-size", type=int, default=1024)
+    ap.add_argument("--img-size", type=int, default=None, help="encoder input (1024; 512 with --small)")
+    ap.add_argument("--tile", type=int, default=None, help="tiling.tile for apg/ais (512; 1024 with --small)")
     ap.add_argument("--depth", type=int, default=None, help="encoder blocks (default: the published depth)")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls after the warm-up (3; 1 with --small)")
     ap.add_argument("--max-batch", type=int, default=None, help="largest batch tried (default 32, 1 with --small)")
@@ -315,6 +317,10 @@ def parse_args(argv=None):
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.repeats is None:
         args.repeats = 1 if args.small else 3
+    if args.img_size is None:
+        args.img_size = 512 if args.small else 1024
+    if args.tile is None:
+        args.tile = 1024 if args.small else 512
     if args.models is None:
         args.models = "vit_b" if args.small else "vit_b,vit_l,vit_h"
     if args.max_batch is None:
@@ -354,7 +360,7 @@ def main(argv=None) -> int:
     if e2e:
         try:
             rows = bench_pipeline(args, device, budget, e2e)
-            print_table(f"End to end through the library, random-weight {args.model_type} model, "
+            print_table(f"End to end through the library, random-weight {args.model_type} model, tile {args.tile}, "
                         f"encoder batch {args.e2e_batch}, {args.e2e_precision}, real plate",
                         ["method", "fields", "seconds", "fields/s", "device busy", "stage split (s)", "peak MB"], rows)
         except Exception:  # noqa: BLE001

@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_bench_gpu_cpu_small_smoke(real_plate, tmp_path):
     cmd = [sys.executable, str(REPO / "bench" / "gpu.py"), "--device", "cpu", "--small", "--img-size", "256",
-           "--depth", "2", "--precisions", "fp32", "--fields", "1", "--budget-s", "400"]
+           "--depth", "2", "--precisions", "fp32", "--fields", "1", "--budget-s", "400",
+           "--encoder-share", "0.2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr[-3000:]
