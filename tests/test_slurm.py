@@ -118,12 +118,21 @@ def test_profile_by_name_plans_the_cluster_jobs_from_the_repository_root(tiny_mo
     assert "slurm_partition=cpu," in res["segment"] and "mem_mb=8000," in res["segment"], res["segment"]
 
 
+def _is_sbatch(pid: int) -> bool:
+    """The submission itself (its --wrap holds the job's command line; on a busy machine it runs for seconds)."""
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return True  # gone already
+    return os.path.basename(argv0) == b"sbatch"
+
+
 def _kill_when_running(pattern: str, proc: subprocess.Popen, timeout: float = 300) -> list[int]:
     """SIGKILL the processes of the job whose command line matches ``pattern`` once it has run 2 s."""
     t0, seen = time.time(), None
     while time.time() - t0 < timeout and proc.poll() is None:
         out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-        pids = [int(p) for p in out if int(p) != os.getpid()]
+        pids = [int(p) for p in out if int(p) != os.getpid() and not _is_sbatch(int(p))]
         if pids and seen is None:
             seen = time.time()
         if pids and time.time() - seen > 2:
