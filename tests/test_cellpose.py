@@ -106,7 +106,7 @@ def synthetic_flows(shape, n, seed):
     return oracle_flows(lab, mu) + rng.normal(0, 0.3, (3,) + lab.shape).astype(np.float32), lab
 
 
-@pytest.mark.parametrize("block,halo", [(96, 48)])
+@pytest.mark.parametrize("block,halo", [(128, 48)])
 def test_blockwise_masks_agree_with_compute_masks(block, halo):
     flows, _ = synthetic_flows((240, 300), 40, seed=5)
     p = FlowParams()
