@@ -84,8 +84,7 @@ def test_multi_tile_field_vs_cellpose_tiling(tiny_cp):
     scale = np.abs(ref).max()
     assert np.abs(ours[:, :150, :150] - ref[:, :150, :150]).max() <= 2e-3 * max(1.0, scale)
     rel = np.abs(ours - ref).mean() / np.abs(ref).mean()
-    print(f"multi-tile: mean |ours - cellpose| / mean |cellpose| = {rel:.3f} (tile averaging vs inner regions)")
-    assert rel > 0  # elsewhere the tilings differ by design
+    print(f"multi-tile: mean |ours - cellpose| / mean |cellpose| = {rel:.3f} (tile averaging vs inner regions: differ by design)")
 
 
 def test_lowhigh_matches_normalize_img():
