@@ -10,6 +10,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _tiny(args) -> None:
+    if args.kind == "cellpose":
+        from .models.cellpose import write_tiny_cellpose
+        path = write_tiny_cellpose(args.dir, seed=args.seed)
+        print(f"wrote UNTRAINED tiny Cellpose-SAM model: {path}")
+        return
     from .models.tiny import write_tiny_model
     paths = write_tiny_model(args.dir, seed=args.seed, conv_transpose=args.conv_transpose)
     print(f"wrote UNTRAINED tiny model: {paths}\nuse: model: {{checkpoint: {paths['checkpoint']}, "
@@ -122,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("dir")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--conv-transpose", action="store_true", help="decoder with transposed-conv upsampling")
+    s.add_argument("--kind", choices=["sam", "cellpose"], default="sam",
+                   help="sam: sam.pt + decoder.pt; cellpose: a Cellpose-SAM file in the cpsam layout")
     s.set_defaults(func=_tiny)
     s = sub.add_parser("download", help="download published models into the cache (run where internet works)")
     s.add_argument("names", nargs="*", help="model names, or 'all' (default vit_b_lm)")
