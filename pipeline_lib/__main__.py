@@ -42,13 +42,14 @@ def _synthetic(args) -> None:
 def _validate(args) -> None:
     from .config import ConfigError, check_runnable, load_config
     try:
-        problems = check_runnable(load_config(args.config), args.config)
+        cfg = load_config(args.config)
+        problems = [] if args.schema_only else check_runnable(cfg, args.config)
     except ConfigError as e:
         problems = [str(e)]
     if problems:
         print("\n".join(problems), file=sys.stderr)
         sys.exit(1)
-    print(f"{args.config}: valid")
+    print(f"{args.config}: valid" + (" (schema only: input and model not checked)" if args.schema_only else ""))
 
 
 #: The demo plate's ground-truth label image (io.synthetic), scored in metrics.csv and used for oracle maps.
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     s.set_defaults(func=_synthetic)
     s = sub.add_parser("validate", help="validate a config file")
     s.add_argument("config")
+    s.add_argument("--schema-only", action="store_true",
+                   help="check keys and values only, not that the input, predictions and model exist (templates)")
     s.set_defaults(func=_validate)
     s = sub.add_parser("demo", help="synthetic plate + the workflow with a published model (offline: oracle maps)")
     s.add_argument("--out", default="demo_data")

@@ -367,16 +367,20 @@ def test_halo_larger_than_tile_and_validate_checks(tmp_path, plate):
     with pytest.raises(ConfigError, match=r"tiling.halo \(200\) is larger than tiling.tile \(64\)"):
         validate_config({"input": "x", "output": "y", "tiling": {"tile": 64, "halo": 200}})
 
-    def validate(cfg: dict):
+    def validate(cfg: dict, *flags: str):
         path = tmp_path / "c.yaml"
         path.write_text(json.dumps(cfg))
-        return subprocess.run([sys.executable, "-m", "pipeline_lib", "validate", str(path)], capture_output=True,
-                              text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        return subprocess.run([sys.executable, "-m", "pipeline_lib", "validate", str(path), *flags],
+                              capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
 
     p = validate({"input": str(plate), "output": "o", "model": {"name": "vit_zz"}})
     assert p.returncode == 1 and "unknown model 'vit_zz'" in p.stderr and "vit_b_lm" in p.stderr
     p = validate({"input": str(tmp_path / "nope.ome.zarr"), "output": "o"})
     assert p.returncode == 1 and "nope.ome.zarr' does not exist" in p.stderr
+    p = validate({"input": str(tmp_path / "nope.ome.zarr"), "output": "o"}, "--schema-only")
+    assert p.returncode == 0 and "schema only" in p.stdout
+    p = validate({"input": str(plate), "output": "o", "tiling": {"tile": 64, "halo": 200}}, "--schema-only")
+    assert p.returncode == 1 and "tiling.halo" in p.stderr
     p = validate({"input": str(plate), "output": "o", "tiling": {"tile": 64, "halo": 200}})
     assert p.returncode == 1 and "tiling.halo" in p.stderr
     p = validate({"input": str(plate), "output": "o"})
