@@ -6,7 +6,7 @@ The maps are oracle maps (``embed/oracle.py``) of a 2048 x 2048 mosaic of real D
 its block-parallel path); ours is ``ais_blockwise`` with the same block, halo and thread count. Each row is
 the best of ``--repeats`` runs after one warm-up, the two sides alternating, reported in seconds per
 megapixel, with the agreement of the two label images (identical, or their mSA). micro-sam 1.8.14 is only
-importable in the benchmark environment (``PYTHONPATH=/work/msam`` here, ``make bench-env``); without it
+importable in the benchmark environment (``make bench-env``, or the ``.venv`` of ``make install``, which has micro-sam); without it
 only our column is printed.
 
     python bench/ais.py [--size 2048] [--threads N] [--repeats 3]

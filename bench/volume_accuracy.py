@@ -10,7 +10,7 @@ rules call, small blocks: tile 48, halo 24, z_block 16) run on
   returns them), so only the stitching and the 3D merge are measured; *perturbed* also drops 10% of the 2D
   objects and splits 5% in two (``perturb_slices``, mean over --seeds).
 
-micro-sam 1.8.14 rows (``PYTHONPATH=/work/msam``; skipped when not importable) run micro-sam's own pipeline in
+micro-sam 1.8.14 rows (``make bench-env``; skipped when not importable) run micro-sam's own pipeline in
 memory on the same maps: ``InstanceSegmentationWithDecoder.generate()`` per slice, then
 ``merge_instance_segmentation_3d`` with its defaults. Columns: mean mSA and SA50 against the 3D GT and the
 split of errors as fractions of the GT objects: *merged* (its main predicted object is also the main one
@@ -24,7 +24,7 @@ PlantSeg ovule acquisition), ``synthetic`` (stacked ellipsoidal nuclei, z spacin
 spacing, normal and dense packing). ``--params`` adds the merge parameter table (in memory, GT slices),
 ``--noisy`` a robustness table (GoNuclear oracle maps blurred and with pixel noise, in memory).
 
-    PYTHONPATH=.:/work/msam python bench/volume_accuracy.py [--datasets gonuclear,ovule,synthetic] [--seeds 0,1,2]
+    .venv-bench/bin/python bench/volume_accuracy.py [--datasets gonuclear,ovule,synthetic] [--seeds 0,1,2]
 """
 from __future__ import annotations
 
@@ -394,7 +394,7 @@ def main() -> None:
     args = ap.parse_args()
     ms = micro_sam_available()
     if not ms:
-        print("micro_sam not importable (PYTHONPATH=/work/msam): micro-sam rows skipped")
+        print("micro_sam not importable (make bench-env): micro-sam rows skipped")
     sets = {}
     for name in args.datasets.split(","):
         vols = DATASETS[name]()
