@@ -49,6 +49,7 @@ from pipeline_lib.io.synthetic_volume import nuclei_labels  # noqa: E402
 from pipeline_lib.io.volume import create_volume_maps  # noqa: E402
 from pipeline_lib.measure.metrics import segmentation_scores  # noqa: E402
 from pipeline_lib.stitch.merge3d import merge_slices_3d, perturb_slices, relabel_slices  # noqa: E402
+from pipeline_lib.testing.volume import SliceLabels, run_volume_steps  # noqa: E402
 
 
 # ---------------------------------------------------------------- data
@@ -105,47 +106,16 @@ def write_inputs(d: Path, gt: np.ndarray, voxel) -> np.ndarray:
 
 # ---------------------------------------------------------------- pipelines
 
-class SliceLabels:
-    """Pass-1 segmenter returning given per-slice labels (the GT slices), crop by crop."""
-    device = "cpu"
-
-    def __init__(self, labels: np.ndarray):
-        self.labels = labels
-
-    def block(self, z0: int, z1: int, region) -> np.ndarray:
-        return np.asarray(self.labels[(slice(z0, z1),) + tuple(region)], dtype=np.uint32)
-
-
 def run_workflow(d: Path, name: str, tile: int, halo: int, z_block: int, extra: dict,
                  slices: np.ndarray | None = None) -> np.ndarray:
     """The four passes of the volume workflow in-process (what the Snakemake rules call); the labels."""
-    from pipeline_lib.steps.model import resolve_model
-    from pipeline_lib.steps.plan import write_plan
-    from pipeline_lib.steps.volume_relabel import aggregate_volume, run_volume_relabel_batch
-    from pipeline_lib.steps.volume_segment import run_volume_segment_batch
-    from pipeline_lib.steps.volume_stitch import run_volume_edges_batch, run_volume_merge
     out = str(d / f"out_{name}")
     cfg = {"input": str(d / "vol.ome.zarr"), "output": out, "predictions": str(d / "pred.ome.zarr"),
            "tiling": {"tile": tile, "halo": halo}, "labels": {"name": name}}
     for k, v in extra.items():
         cfg[k] = {**cfg.get(k, {}), **v}
     cfg["volume"] = {"z_block": z_block, **cfg.get("volume", {})}
-    cfg = validate_config(cfg)
-    model = resolve_model(cfg, progress=False)
-    plan = write_plan(cfg, f"{out}/plan.json")
-    seg = SliceLabels(slices) if slices is not None else None
-    segs = [f"{out}/jobs/volume_segment/{b}.json" for b in plan["batches"]]
-    edges = [f"{out}/jobs/volume_edges/{b}.npz" for b in plan["batches"]]
-    tabs = [f"{out}/jobs/volume_relabel/{b}.parquet" for b in plan["batches"]]
-    for b, p in zip(plan["batches"], segs):
-        run_volume_segment_batch(cfg, plan, b, model, p, segmenter=seg)
-    for b, p in zip(plan["batches"], edges):
-        run_volume_edges_batch(cfg, plan, b, segs, p)
-    merge_json = f"{out}/volume/merge.json"
-    run_volume_merge(cfg, plan, segs, edges, f"{out}/volume/lut.npy", merge_json)
-    for b, p in zip(plan["batches"], tabs):
-        run_volume_relabel_batch(cfg, plan, b, segs, f"{out}/volume/lut.npy", p[:-8] + ".json", p, merge_json)
-    aggregate_volume(cfg, plan, model, segs, merge_json, tabs, f"{out}/summary.json", f"{out}/objects.parquet")
+    run_volume_steps(cfg, SliceLabels(slices) if slices is not None else None)
     return np.asarray(zarr.open_array(str(d / "vol.ome.zarr" / "labels" / name / "s0"), mode="r"))
 
 

@@ -14,38 +14,13 @@ from pipeline_lib.measure.metrics import segmentation_scores
 from pipeline_lib.measure.objects3d import block_partials, combine_partials, object_table
 from pipeline_lib.stitch.tile_match import band_matches, split_unit
 from pipeline_lib.stitch.volume_grid import unit_offsets
-from pipeline_lib.steps.plan import write_plan
-from pipeline_lib.steps.volume_relabel import aggregate_volume, run_volume_relabel_batch
-from pipeline_lib.steps.volume_segment import run_volume_segment_batch
-from pipeline_lib.steps.volume_stitch import run_volume_edges_batch, run_volume_merge
 from pipeline_lib.stitch.merge3d import merge_slices_3d
+from pipeline_lib.testing.volume import SliceLabels, run_volume_steps
 from pipeline_lib.instances.ais import ais_single
 from pipeline_lib.instances.ais3d import ais_stack
 from pipeline_lib.config import ais_params, merge3d_params
 
 GONUCLEAR = SHARED / "gonuclear_3d_nuclei_mini"
-
-
-def run_volume_steps(cfg: dict, segmenter=None) -> dict:
-    """All passes of the volume workflow in-process (the Snakemake rules call exactly these)."""
-    from pipeline_lib.steps.model import resolve_model
-    cfg = validate_config(cfg)
-    out = cfg["output"]
-    model = resolve_model(cfg, progress=False)
-    plan = write_plan(cfg, f"{out}/plan.json")
-    segs = [f"{out}/jobs/volume_segment/{b}.json" for b in plan["batches"]]
-    edges = [f"{out}/jobs/volume_edges/{b}.npz" for b in plan["batches"]]
-    tabs = [f"{out}/jobs/volume_relabel/{b}.parquet" for b in plan["batches"]]
-    for b, p in zip(plan["batches"], segs):
-        run_volume_segment_batch(cfg, plan, b, model, p, segmenter=segmenter)
-    for b, p in zip(plan["batches"], edges):
-        run_volume_edges_batch(cfg, plan, b, segs, p)
-    run_volume_merge(cfg, plan, segs, edges, f"{out}/volume/lut.npy", f"{out}/volume/merge.json")
-    for b, p in zip(plan["batches"], tabs):
-        run_volume_relabel_batch(cfg, plan, b, segs, f"{out}/volume/lut.npy", p[:-8] + ".json", p,
-                                 f"{out}/volume/merge.json")
-    return aggregate_volume(cfg, plan, model, segs, f"{out}/volume/merge.json", tabs, f"{out}/summary.json",
-                            f"{out}/objects.parquet")
 
 
 def in_memory_reference(maps: np.ndarray, cfg: dict, anisotropy: float) -> np.ndarray:
@@ -160,17 +135,6 @@ def test_real_nuclei_blockwise_equals_in_memory(tmp_path, instances, min_msa):
     assert segmentation_scores(lab, gt)["msa"] >= min_msa
 
 
-class _Slices:
-    """Pass-1 segmenter returning given per-slice labels crop by crop (as bench/volume_accuracy.py)."""
-    device = "cpu"
-
-    def __init__(self, labels):
-        self.labels = labels
-
-    def block(self, z0, z1, region):
-        return np.asarray(self.labels[(slice(z0, z1),) + tuple(region)], dtype=np.uint32)
-
-
 @pytest.mark.skipif(not GONUCLEAR.exists(), reason="real 3D nuclei not present")
 def test_real_nuclei_ground_truth_slices_through_the_workflow(tmp_path):
     """The 2D objects of every ground-truth slice through stitching and merge with small blocks: the merge
@@ -179,7 +143,7 @@ def test_real_nuclei_ground_truth_slices_through_the_workflow(tmp_path):
     gt, _ = _gonuclear_inputs(tmp_path)
     clean = relabel_slices(gt)
     for name, sl, min_msa in (("clean", clean, 0.98), ("pert", relabel_slices(perturb_slices(clean)), 0.9)):
-        s = run_volume_steps(_cfg(tmp_path, name, 48, 24, 16), segmenter=_Slices(sl))
+        s = run_volume_steps(_cfg(tmp_path, name, 48, 24, 16), segmenter=SliceLabels(sl))
         assert s["merge"]["n_yx_joins"] > 0 and s["merge"]["max_gap"] == 2
         assert segmentation_scores(_labels(tmp_path, name), gt)["msa"] >= min_msa
 
