@@ -121,15 +121,6 @@ def _field_status(st: dict) -> dict:
     return {"status": "ok" if n else "empty", "n_objects": n, **st["info"], "seconds": round(st["seconds"], 3)}
 
 
-def segment_field_prompts(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any], model,
-                          decoder: PromptDecoder) -> tuple[dict, Any]:
-    """One field through the stages in turn: (status info, object table)."""
-    st = f
-    for _, fn in field_stages(cfg, plan, model, decoder):
-        st = fn(st)
-    return _field_status(st), st["table"]
-
-
 def run_prompt_segment_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, model_info: dict[str, Any],
                              out_json: str, overlap: bool = True) -> dict[str, Any]:
     """Segment every field of ``batch``; a field that fails is reported by name, the others finish."""
