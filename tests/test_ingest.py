@@ -277,3 +277,29 @@ def test_real_plate_roundtrip(real_plate, tmp_path):
     assert len(files) == 5 and all(f.name.endswith(GUID + ".tif") for f in files)
     ingest(tmp_path / "tifs", tmp_path / "plate.ome.zarr", pattern="{well}_s{field}_w{channel}{*}.tif")
     assert_same_images(real_plate, tmp_path / "plate.ome.zarr", wells=set(wells))
+
+
+def test_streamed_ingest_equals_whole_field_and_reads_a_tiled_tiff_lazily(tmp_path):
+    """One large (tiled, as whole-slide TIFFs are) file per field, ingested block by block (blocks smaller than
+    the field, odd edges): level 0 and every pyramid level equal the whole-field read and its block means."""
+    from pipeline_lib.io.ingest import FieldFiles, ingest_blocks, ingest_field, read_field
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    img = rng.integers(0, 4000, (2, 301, 267), dtype=np.uint16)
+    tifffile.imwrite(src / "A01_s1.tif", img, photometric="minisblack", tile=(64, 64),
+                     metadata={"axes": "CYX"})
+    spec = plan_plate(src, "{well}_s{field}.tif")
+    out = tmp_path / "out.ome.zarr"
+    create_plate(out, spec, chunk=32, levels=3)
+    assert ingest_blocks(spec.shape, 32, 3, block=64)[:2] == [(slice(0, 64), slice(0, 64)),
+                                                              (slice(0, 64), slice(64, 128))]
+    assert ingest_field(out, spec.fields[0], block=40)  # rounded up to 64 (chunk 32, 2^2): 5 x 5 blocks
+    field = open_field(out, describe_store(out).fields[0].path)
+    np.testing.assert_array_equal(field.level(0)[:], img)
+    np.testing.assert_array_equal(read_field(spec.fields[0]["files"], img.shape, img.dtype), img)
+    np.testing.assert_array_equal(field.level(1)[:], downsample_mean(img))
+    np.testing.assert_array_equal(field.level(2)[:], downsample_mean(downsample_mean(img)))
+    lazy = FieldFiles(spec.fields[0]["files"], img.shape, img.dtype)
+    assert lazy.arrays[0].npartitions > 1  # bioio's dask array follows the file's tiles: nothing read up front
+    np.testing.assert_array_equal(lazy.region((slice(100, 164), slice(7, 9))), img[:, 100:164, 7:9])

@@ -282,17 +282,6 @@ def probe_file(path: str | os.PathLike) -> FileInfo:
         raise InputError(f"{path}: cannot read the image header ({type(e).__name__}: {_first_line(e)}).") from e
 
 
-def read_image_file(path: str | os.PathLike) -> np.ndarray:
-    """The pixels of one 2D file as (c, y, x)."""
-    image = open_image(path)
-    order, fixed, _ = _selection(image, path)
-    try:
-        return np.asarray(image.get_image_data(order, **fixed))
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"{path}: cannot read the pixel data ({type(e).__name__}: {_first_line(e)}); the file is "
-                         "corrupt or truncated. Replace it (or remove it and rerun the ingest plan).") from e
-
-
 def file_pixel_size(image: Any, path: str | os.PathLike) -> float | None:
     """Pixel size in um from the file, or None when it carries none (or an implausible one, e.g. 72 dpi).
 
@@ -326,24 +315,69 @@ def _tiff_pixel_size(path: str | os.PathLike) -> float | None:
         return scale * den / num if scale and num else None
 
 
+#: Level-0 pixels per side read and written per step when a field is ingested (rounded up to a multiple of
+#: the chunk and of the pyramid's 2^(levels-1)): the memory of an ingest job is bounded by this block, not by
+#: the field, so that a whole-slide TIFF, CZI or ND2 streams through bioio's lazy dask reader.
+INGEST_BLOCK = 4096
+#: At most this many pixels per channel are read from the first field for the OMERO display windows.
+WINDOW_SAMPLE_PX = 1 << 22
+
+
+class FieldFiles:
+    """The files of one field (channel order) opened lazily, checked against the plate's (c, y, x) shape and
+    dtype from their headers; :meth:`region` reads a (c, h, w) block through bioio's dask arrays."""
+
+    def __init__(self, files: list[str], shape: tuple[int, ...], dtype: Any):
+        self.files, self.shape, self.dtype = list(files), tuple(shape), np.dtype(dtype)
+        self.arrays = []
+        n = 0
+        for f in self.files:
+            image = open_image(f)
+            order, fixed, c = _selection(image, f)
+            try:
+                arr = image.get_image_dask_data(order, **fixed)
+            except Exception as e:  # noqa: BLE001 - bioio plugins raise many types
+                raise InputError(f"{f}: cannot read the pixel data ({type(e).__name__}: {_first_line(e)}).") from e
+            if tuple(arr.shape[1:]) != self.shape[1:]:
+                raise InputError(f"{f}: image is {arr.shape[1]}x{arr.shape[2]} pixels, but the plate's fields are "
+                                 f"{self.shape[1]}x{self.shape[2]} (from the first file): all fields must have the "
+                                 "same size.")
+            if arr.dtype != self.dtype and not np.can_cast(arr.dtype, self.dtype, "safe"):
+                raise InputError(f"{f}: pixel type {arr.dtype} does not fit the plate's {self.dtype} (from the "
+                                 "first file): all files must have the same pixel type.")
+            self.arrays.append(arr)
+            n += c
+        if n != self.shape[0]:
+            raise InputError(f"{self.files[0]}: the field has {n} channel(s), the plate {self.shape[0]}.")
+
+    def region(self, key: tuple[slice, ...]) -> np.ndarray:
+        """(c, ...) pixels of ``key`` (slices or strides of y and x) in the plate's dtype."""
+        parts = []
+        for f, arr in zip(self.files, self.arrays):
+            try:
+                parts.append(np.asarray(arr[(slice(None),) + tuple(key)].compute(), dtype=self.dtype))
+            except Exception as e:  # noqa: BLE001
+                raise InputError(f"{f}: cannot read the pixel data ({type(e).__name__}: {_first_line(e)}); the "
+                                 "file is corrupt or truncated. Replace it (or remove it and rerun the ingest "
+                                 "plan).") from e
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def read_field(files: list[str], shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """The (c, y, x) image of one field from its files (channel order), checked against the plate's shape."""
-    parts = []
-    for f in files:
-        data = read_image_file(f)
-        if data.shape[1:] != tuple(shape[1:]):
-            raise InputError(f"{f}: image is {data.shape[1]}x{data.shape[2]} pixels, but the plate's fields are "
-                             f"{shape[1]}x{shape[2]} (from the first file): all fields must have the same size.")
-        if data.dtype != dtype:
-            if not np.can_cast(data.dtype, dtype, "safe"):
-                raise InputError(f"{f}: pixel type {data.dtype} does not fit the plate's {np.dtype(dtype)} "
-                                 "(from the first file): all files must have the same pixel type.")
-            data = data.astype(dtype)
-        parts.append(data)
-    out = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    if out.shape[0] != shape[0]:
-        raise InputError(f"{files[0]}: the field has {out.shape[0]} channel(s), the plate {shape[0]}.")
-    return out
+    """The whole (c, y, x) image of one field from its files (channel order), checked against the plate's
+    shape. Small fields and tests only: :func:`ingest_field` streams blocks instead."""
+    return FieldFiles(files, shape, dtype).region((slice(None), slice(None)))
+
+
+def ingest_blocks(shape: tuple[int, ...], chunk: int, levels: int, block: int = INGEST_BLOCK
+                  ) -> list[tuple[slice, slice]]:
+    """Level-0 (y, x) blocks of the streamed ingest: sides a multiple of the chunk and of 2^(levels - 1), so
+    that each block's level-k image is exactly its share of the whole field's (same rounding at the edge)."""
+    unit = chunk * 2 ** (levels - 1) // math.gcd(chunk, 2 ** (levels - 1))
+    step = max(unit, -(-block // unit) * unit)
+    ys, xs = shape[-2:]
+    return [(slice(y, min(y + step, ys)), slice(x, min(x + step, xs)))
+            for y in range(0, ys, step) for x in range(0, xs, step)]
 
 
 # ----------------------------------------------------------------------------------------------- the plate
@@ -481,10 +515,13 @@ def _plate_meta(spec: PlateSpec) -> dict[str, Any]:
 
 def channel_windows(spec: PlateSpec) -> list[dict[str, float]]:
     """OMERO display windows: the dtype's range, with start/end at the 0.1 and 99.9 percentiles of the first
-    field per channel (the plate is created before any field is converted; the first is read once here)."""
+    field per channel (the plate is created before any field is converted; the first is read once here, with
+    a stride that keeps the sample under WINDOW_SAMPLE_PX pixels: identical for fields up to 4 Mpx)."""
     full = ngff.dtype_window(spec.dtype)
+    stride = max(1, math.ceil(math.sqrt(spec.shape[1] * spec.shape[2] / WINDOW_SAMPLE_PX)))
     try:
-        data = read_field(spec.fields[0]["files"], spec.shape, np.dtype(spec.dtype))
+        data = FieldFiles(spec.fields[0]["files"], spec.shape, spec.dtype).region(
+            (slice(None, None, stride), slice(None, None, stride)))
     except (InputError, OSError, ValueError):
         return [full] * spec.shape[0]  # the field's own job reports the bad file
     lo, hi = np.percentile(data.reshape(data.shape[0], -1), [0.1, 99.9], axis=1)
@@ -530,20 +567,25 @@ def field_complete(group: zarr.Group) -> bool:
     return bool(group.attrs.asdict().get("ingest", {}).get("complete"))
 
 
-def ingest_field(plate: str | os.PathLike, field: dict[str, Any]) -> bool:
-    """Fill level 0 and the pyramid of one field from its files, then mark it complete (the marker is the
-    last write). Returns False when the field was complete already."""
+def ingest_field(plate: str | os.PathLike, field: dict[str, Any], block: int = INGEST_BLOCK) -> bool:
+    """Fill level 0 and the pyramid of one field from its files, block by block (:func:`ingest_blocks`: the
+    job's memory is bounded by ``block``, not by the field), then mark it complete (the marker is the last
+    write). Returns False when the field was complete already."""
     path = os.path.join(str(plate), field["path"])
     group = zarr.open_group(path, mode="r+")
     if field_complete(group):
         return False
     image = read_multiscale(group, path)
     level0 = image.level(0)
-    data = read_field(field["files"], tuple(level0.shape), level0.dtype)
-    level0[...] = data
-    for k in range(1, image.n_levels):
-        data = downsample_mean(data)
-        image.level(k)[...] = data
+    files = FieldFiles(field["files"], tuple(level0.shape), level0.dtype)
+    chunk = level0.chunks[-1]
+    for ys, xs in ingest_blocks(level0.shape, chunk, image.n_levels, block):
+        data = files.region((ys, xs))
+        level0[:, ys, xs] = data
+        for k in range(1, image.n_levels):
+            data = downsample_mean(data)
+            f = 2 ** k
+            image.level(k)[:, ys.start // f:ys.start // f + data.shape[1], xs.start // f:xs.start // f + data.shape[2]] = data
     group.attrs["ingest"] = {"complete": True, "files": list(field["files"])}
     return True
 
