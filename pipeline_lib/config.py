@@ -56,6 +56,10 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
         raise ConfigError(f"{source}: tiling.halo ({h}) is larger than tiling.tile ({t}): each tile would encode "
                           f"{((t + 2 * h) / t) ** 2:.0f}x its own pixels. Use a halo of at most the tile size "
                           "(typically tile/8 to tile/4), or a larger tile.")
+    fb, fh = cfg["tiling"]["field_block"], cfg["tiling"]["field_halo"]
+    if fh > fb:
+        raise ConfigError(f"{source}: tiling.field_halo ({fh}) is larger than tiling.field_block ({fb}): a block's "
+                          "halo may only reach its direct neighbours. Lower the halo or raise the block.")
     cfg["method"] = resolve_method(cfg, source)
     return cfg
 

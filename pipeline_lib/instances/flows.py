@@ -20,9 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..stitch.tile_match import band_matches, intersect, local, split_unit
-from ..stitch.volume_grid import VolumeGrid
-from .ais import _components
+from ..stitch.blockwise import segment_blockwise
 
 
 @dataclass
@@ -49,61 +47,18 @@ class FlowParams:
 BlockMasks = Callable[[np.ndarray], np.ndarray]  # (3, h, w) float32 flows -> (h, w) labels (0 = background)
 
 
-def _segment_blocks(flows: Any, grid: VolumeGrid, block_masks: BlockMasks, scratch: Any
-                    ) -> tuple[np.ndarray, dict[tuple[int, int], np.ndarray]]:
-    """Pass 1: per block, pieces into ``scratch`` (local ids 1..n) and the ring strips facing each neighbour."""
-    counts = np.zeros(grid.n_tiles, np.int64)
-    strips: dict[tuple[int, int], np.ndarray] = {}
-    for t, tile in enumerate(grid.tiles):
-        lab = block_masks(np.asarray(flows[(slice(None),) + tile.outer], dtype=np.float32))
-        pieces, ring, counts[t] = split_unit(lab, tile.inner_local)
-        scratch[tile.inner] = pieces
-        for j in grid.neighbours(t):
-            reg = intersect(tile.outer, grid.tiles[j].inner)
-            if reg is not None:
-                strips[t, j] = ring[local(reg, tile.outer)]
-    return counts, strips
-
-
-def _matches(grid: VolumeGrid, scratch: Any, counts: np.ndarray, off: np.ndarray,
-             strips: dict[tuple[int, int], np.ndarray], threshold: float) -> np.ndarray:
-    """Pass 2: global id pairs of pieces joined across block seams (as ``steps.volume_stitch`` per slice)."""
-    out = []
-    for i, j in grid.neighbour_pairs():
-        a, b = grid.tiles[i], grid.tiles[j]
-        reg_b, reg_a = intersect(a.outer, b.inner), intersect(b.outer, a.inner)
-        if reg_a is None or reg_b is None:
-            continue
-        view_a = np.concatenate([strips[i, j].ravel(), np.asarray(scratch[reg_a]).ravel()])
-        view_b = np.concatenate([np.asarray(scratch[reg_b]).ravel(), strips[j, i].ravel()])
-        m = band_matches(view_a, view_b, int(counts[i]), int(counts[j]), threshold)
-        if len(m):
-            out.append(np.stack([m[:, 0] + off[i], m[:, 1] + off[j]], axis=1))
-    return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
-
-
 def flows_blockwise(flows: Any, out: Any, block_masks: BlockMasks, block: int, halo: int,
                     scratch: Any = None, match_threshold: float = 0.5) -> dict[str, Any]:
     """Labels of ``flows`` (array-like (3, Y, X): dY, dX, cellprob) into ``out`` (array-like (Y, X), uint32).
 
     ``block_masks`` segments one block with its halo; ``halo`` should be at least the largest object
     diameter. ``scratch`` (uint32 array-like of the field's shape) holds the per-block pieces; numpy if None.
-    Memory per step: one block with its halo, plus the halo strips of all blocks. Returns counts.
+    The blocks run through :func:`stitch.blockwise.segment_blockwise` (memory: one block with its halo plus
+    about one row of blocks' halo strips). Returns counts, and area and centroid per object.
     """
-    shape = tuple(out.shape)
-    grid = VolumeGrid((1,) + shape, tile=int(min(block, max(shape))), halo=int(halo), z_block=1)
-    if scratch is None:
-        scratch = np.zeros(shape, np.uint32)
-    counts, strips = _segment_blocks(flows, grid, block_masks, scratch)
-    off = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    n = int(counts.sum())
-    pairs = _matches(grid, scratch, counts, off, strips, match_threshold)
-    final = _components(n, pairs)  # ids 1..n -> consecutive objects, in the order of the blocks
-    for t, tile in enumerate(grid.tiles):
-        ids = np.asarray(scratch[tile.inner]).astype(np.int64)
-        out[tile.inner] = np.where(ids > 0, final[np.where(ids > 0, ids + off[t], 0)], 0).astype(np.uint32)
-    return {"n_objects": int(final.max()) if n else 0, "n_pieces": n, "n_joins": int(len(pairs)),
-            "n_blocks": grid.n_tiles}
+    return segment_blockwise(tuple(out.shape), out,
+                             lambda b: block_masks(np.asarray(flows[(slice(None),) + b.outer], dtype=np.float32)),
+                             block, halo, scratch, match_threshold)
 
 
 def oracle_flows(labels: np.ndarray, flows_unit: np.ndarray, cellprob: float = 10.0) -> np.ndarray:

@@ -26,8 +26,9 @@ from ..config import amg_params, apg_params
 from ..embed.predict import embed_prepared, prepare_field
 from ..embed.prompt_decoder import PromptDecoder, decode_points
 from ..engine.overlap import DeviceClock, StageTimes, run_pipeline, timing_line
-from ..engine.runner import UNIT_ERRORS, debug, describe, failed, log_failure
+from ..engine.runner import UNIT_ERRORS, debug, describe, failed, log_failure, run_units
 from ..instances.apg import amg_segment, apg_segment
+from .large_field import is_large, segment_large_field
 from .model import load_resolved
 from .plan import recheck_field
 from .predict import field_task
@@ -130,7 +131,11 @@ def run_prompt_segment_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: s
                           compile=cfg["encoder"]["compile"])
     decoder = PromptDecoder(model.sam)
     clock, times = DeviceClock(model.device), StageTimes()
-    status = {}
+    large = [f for f in fields if is_large(cfg, f.get("shape") or (0, 0))]
+    fields = [f for f in fields if not is_large(cfg, f.get("shape") or (0, 0))]
+    status = run_units([(f["key"], f) for f in large],  # one at a time, each block by block (bounded memory)
+                       lambda f: segment_large_field(cfg, plan, recheck_field(cfg, plan, f), model, decoder, clock)[0],
+                       f"{cfg['method']} {batch} (large fields)", on_error=lambda f, err: failed(err, n_objects=0))
     stages = field_stages(cfg, plan, model, decoder, clock)
     bar = tqdm(total=len(fields), desc=f"{cfg['method']} {batch} ({model.device})", unit="field", file=sys.stderr)
     with bar, contextlib.closing(run_pipeline(fields, stages, depth=1, threaded=overlap, times=times,
