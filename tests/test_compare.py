@@ -231,13 +231,34 @@ def test_needs_two_methods_and_labels_by_method(compared, tmp_path):
     assert agr.msa.tolist() == [1.0] and not s["ground_truth"] and not (tmp_path / "comparison" / "accuracy.csv").exists()
 
 
+def test_volume_is_one_field(tmp_path):
+    from pipeline_lib.io.ome_zarr import LeadingView, describe_store
+    from pipeline_lib.io.synthetic_volume import write_synthetic_volume
+    from pipeline_lib.steps.volume_plan import make_volume_plan
+    root = tmp_path / "vol.ome.zarr"
+    write_synthetic_volume(root, shape=(8, 64, 64), cell=(6, 16, 16), n_levels=1, chunk=64)
+    cfg = validate_config({"input": str(root), "output": str(tmp_path / "out")})
+    plan = make_volume_plan(cfg, describe_store(str(root)))
+    gt = zarr.open_array(str(root / "labels" / "nuclei_gt" / "s0"), mode="r")[:]
+    labs = {"a": gt, "b": np.roll(gt, 2, axis=2)}
+    img = open_field(str(root), "")
+    for m, lab in labs.items():
+        group = create_label_image(zarr.open_group(str(root), mode="a"), img, f"{cfg['labels']['name']}_{m}",
+                                   chunks=(32, 32), overwrite=True)
+        LeadingView(group[img.datasets[0]["path"]], 3)[np.s_[:, :, :]] = lab
+    run_compare(cfg, plan, ["a", "b"], str(tmp_path / "out"))
+    agr = read_csv(tmp_path / "out" / "comparison" / "agreement.csv")
+    assert agr.status.tolist() == ["ok"] and agr.path.isna().all()
+    assert agr.msa[0] == pytest.approx(segmentation_scores(labs["b"], gt)["msa"]) and 0 < agr.msa[0] < 1
+
+
 # ----------------------------------------------------------------------------------------------- report
 
 
 @pytest.fixture(scope="module")
 def compare_report(compared) -> dict:
     out = compared["out"]
-    path = write_report(out, **compared["inputs"], intensity_column="DAPI", n_thumbnails=4, plate_rows=["A", "B"],
+    path = write_report(out, **compared["inputs"], intensity_column="DAPI", n_thumbnails=0, plate_rows=["A", "B"],
                         plate_columns=[str(i) for i in range(1, 13)])
     return {"path": path, "html": path.read_text(), "out": out}
 

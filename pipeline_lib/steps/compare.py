@@ -176,8 +176,10 @@ def wells_table(agreement: pd.DataFrame, accuracy: pd.DataFrame | None, methods:
         row["worst_field"] = str(worst["field"]) if worst is not None else ""
         row["worst_pair"] = f"{worst['method_a']} vs {worst['method_b']}" if worst is not None else ""
         rows.append(row)
+    if not rows:  # no field planned: the columns the report reads
+        return pd.DataFrame(columns=[*WELL_KEYS, "n_fields", "n_failed", "min_agreement"])
     wells = pd.DataFrame(rows)
-    if accuracy is not None and not wells.empty:
+    if accuracy is not None:
         wells = _add_winner(wells, accuracy, methods)
     return wells
 
