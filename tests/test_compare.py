@@ -250,6 +250,14 @@ def test_volume_is_one_field(tmp_path):
     agr = read_csv(tmp_path / "out" / "comparison" / "agreement.csv")
     assert agr.status.tolist() == ["ok"] and agr.path.isna().all()
     assert agr.msa[0] == pytest.approx(segmentation_scores(labs["b"], gt)["msa"]) and 0 < agr.msa[0] < 1
+    # a label image of other data (here a 2D field's): a failed row naming the shapes, not a crash
+    from pipeline_lib.io.synthetic import write_synthetic_plate
+    write_synthetic_plate(tmp_path / "p.ome.zarr", rows="A", columns=[1], fields=1, shape=(64, 64), nuclei=3)
+    other = {**plan, "labels_by_method": {"flat": str(tmp_path / "p.ome.zarr" / "A/1/0/labels/nuclei_gt")}}
+    run_compare(cfg, other, ["a", "flat"], str(tmp_path / "out"))
+    row = read_csv(tmp_path / "out" / "comparison" / "agreement.csv").iloc[0]
+    assert row.status == "failed" and (row.status_a, row.status_b) == ("ok", "failed")
+    assert "flat: label image" in row.error and "has shape (64, 64), the other methods' (8, 64, 64)" in row.error
 
 
 # ----------------------------------------------------------------------------------------------- report

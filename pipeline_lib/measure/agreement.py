@@ -73,12 +73,12 @@ def pairwise_overlaps(images: Mapping[str, Any], pairs: Sequence[tuple[str, str]
     reading each image once, block by block. ``Overlaps.true`` is ``a``, ``Overlaps.pred`` is ``b``."""
     names = list(images)
     pairs = list(pairs) if pairs is not None else list(itertools.combinations(names, 2))
-    shapes = {n: tuple(int(s) for s in images[n].shape) for n in names}
+    needed = sorted({n for p in pairs for n in p}, key=names.index)
+    shapes = {n: tuple(int(s) for s in images[n].shape) for n in needed}
     if len(set(shapes.values())) > 1:
         raise ValueError("label images of different shapes cannot be compared: "
                          + ", ".join(f"{n} {s}" for n, s in shapes.items()))
-    needed = sorted({n for p in pairs for n in p}, key=names.index)
-    shape = shapes[names[0]] if names else ()
+    shape = shapes[needed[0]] if needed else ()
     parts: dict[tuple[str, str], list[Overlaps]] = {p: [] for p in pairs}
     for region in _blocks(shape, block_shape(shape, max_pixels)):
         block = {n: np.asarray(images[n][region]) for n in needed}

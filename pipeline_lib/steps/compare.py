@@ -101,6 +101,17 @@ def _unavailable(cfg: dict[str, Any], f: dict[str, Any], method: str, status: di
     return None
 
 
+def _odd_shapes(images: dict[str, Any], method_labels) -> dict[str, tuple[str, str]]:
+    """Methods whose label image has another shape than most (it was computed for other data)."""
+    shapes = {m: tuple(int(s) for s in v.shape) for m, v in images.items()}
+    if len(set(shapes.values())) < 2:
+        return {}
+    common = max(dict.fromkeys(shapes.values()), key=list(shapes.values()).count)
+    return {m: ("failed", f"{m}: label image {method_labels(m)} has shape {s}, the other methods' {common}: "
+                          "it was computed for other data; rerun the method on this input")
+            for m, s in shapes.items() if s != common}
+
+
 def compare_field(cfg: dict[str, Any], f: dict[str, Any], methods: Sequence[str],
                   status: dict[str, dict | None]) -> list[dict[str, Any]]:
     """The agreement rows of one field (one per method pair); an unusable label image gives named rows."""
@@ -115,6 +126,8 @@ def compare_field(cfg: dict[str, Any], f: dict[str, Any], methods: Sequence[str]
             images[m] = read_labels(method_labels(cfg, f, m))
         except UNIT_ERRORS as e:
             bad[m] = ("missing", f"{m}: {describe(e)}")
+    bad.update(_odd_shapes(images, method_labels=lambda m: method_labels(cfg, f, m)))
+    images = {m: v for m, v in images.items() if m not in bad}
     good = [p for p in pairs if p[0] not in bad and p[1] not in bad]
     try:
         scores = pairwise_agreement(images, good)
