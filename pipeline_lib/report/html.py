@@ -327,12 +327,14 @@ def write_report(out_dir: str | Path, summary: Mapping, fields: pd.DataFrame, we
                  plate: pd.DataFrame, metrics: pd.DataFrame | None, provenance: Mapping,
                  intensity_column: str | int | None = None, n_thumbnails: int = 6,
                  plate_rows: Sequence[str] | None = None, plate_columns: Sequence[str] | None = None,
-                 thumbnail_channel: int | str | None = None, max_size: int = 256) -> Path:
+                 thumbnail_channel: int | str | None = None, max_size: int = 256,
+                 comparison: str | Path | None = None) -> Path:
     """Write ``<out_dir>/report.html`` and the heatmap PNGs ``<out_dir>/report/heatmap_<name>.png``.
 
     ``plate_rows``/``plate_columns`` are the plate's row/column names (NGFF plate metadata); the heatmaps
     show the smallest standard plate holding them. Thumbnails show ``thumbnail_channel`` (default: the
-    segmented channel of the config).
+    segmented channel of the config). ``comparison``: the outputs of steps/compare.py to show as the
+    "Methods side by side" section (default ``<out_dir>/comparison`` when it exists; report/compare.py).
     """
     out = Path(out_dir)
     rows = list(plate_rows) if plate_rows else sorted(set(wells.get("row", pd.Series(dtype=str)).astype(str)))
@@ -344,7 +346,10 @@ def write_report(out_dir: str | Path, summary: Mapping, fields: pd.DataFrame, we
                           titles) if not wells.empty else {}
     if thumbnail_channel is None:
         thumbnail_channel = (provenance.get("config") or {}).get("channel", 0)
+    from .compare import comparison_dir, comparison_section  # it imports this module's helpers
+    comp = comparison_dir(out, comparison)
     body = [header_section(summary, plate, provenance), summary_section(plate), heatmap_section(pngs, titles),
+            comparison_section(comp, out / "report", row_labels, col_labels) if comp else "",
             qc_section(fields, wells, metrics), thumbnail_section(summary, fields, n_thumbnails, thumbnail_channel,
                                                                   max_size),
             metrics_section(metrics), provenance_section(provenance)]
