@@ -73,25 +73,35 @@ def test_blockwise_apg_equals_untiled(seed):
     assert msa(out, untiled) >= 0.99 and msa(untiled, gt) >= 0.95
 
 
+def _one_field_setup(tmp_path, tiny_model, **tiling):
+    from pipeline_lib.config import validate_config
+    from pipeline_lib.io.synthetic import write_synthetic_plate
+    from pipeline_lib.steps.model import resolve_model
+    from pipeline_lib.steps.plan import write_plan
+    plate = tmp_path / "p.ome.zarr"
+    write_synthetic_plate(plate, rows="A", columns=[1], fields=1, shape=(64, 32), nuclei=3, seed=2)
+    cfg = validate_config({"input": str(plate), "output": str(tmp_path / "out"), "method": "apg",
+                           "tiling": {"tile": 32, "halo": 4, "field_halo": 32}, "encoder": {"batch_size": 4},
+                           "model": {"checkpoint": tiny_model["checkpoint"], "decoder": tiny_model["decoder"],
+                                     "device": "cpu"}})
+    cfg["tiling"].update(tiling)  # blocks below the schema's minimum size: 2 blocks of a 2-tile field
+    return cfg, write_plan(cfg, str(tmp_path / "out" / "plan.json")), resolve_model(cfg, progress=False)
+
+
 def test_large_field_step_writes_labels_maps_and_table(tmp_path, tiny_model):
-    """APG in the prompt_segment step with fields larger than tiling.field_block: block-inner decoder maps
-    equal the in-memory path's (block and block halo are multiples of the tile), labels are consecutive and
-    the status counts what was written; smaller fields in the same batch take the in-memory path."""
-    from test_overlap import _arrays, _setup
+    """APG in the prompt_segment step for a field larger than tiling.field_block: the block-inner decoder
+    maps equal the in-memory path's (blocks and block halo are multiples of the tile, so every tile sees the
+    same pixels), labels are consecutive and the status counts what was written."""
     from pipeline_lib.steps.prompt_segment import run_prompt_segment_batch
-    common = {"tiling": {"tile": 64, "halo": 8, "field_halo": 64}}
-    cfg, plan, info = _setup(tmp_path / "small", tiny_model, "apg", shape=(200, 230), **common)
-    run_prompt_segment_batch(cfg, plan, "b0000", info, str(tmp_path / "small.json"))
-    ref_maps = _arrays(plan, "predictions")
-    cfg, plan, info = _setup(tmp_path / "large", tiny_model, "apg", shape=(200, 230),
-                             tiling={**common["tiling"], "field_block": 256})
-    cfg["tiling"]["field_block"] = 128  # below the schema's minimum, to get 2 x 2 blocks of a small field
-    res = run_prompt_segment_batch(cfg, plan, "b0000", info, str(tmp_path / "large.json"))
-    maps, labels = _arrays(plan, "predictions"), _arrays(plan, "labels")
-    for f in plan["fields"]:
-        st = res["fields"][f["key"]]
-        assert st["status"] in ("ok", "empty") and st["n_blocks"] == 4
-        assert np.array_equal(maps[f["key"]], ref_maps[f["key"]])
-        lab = labels[f["key"]]
-        assert np.array_equal(np.unique(lab), np.arange(st["n_objects"] + 1))
-    assert zarr.open_group(plan["fields"][0]["labels"], mode="r").attrs["multiscales"]
+
+    def run(name, **tiling):
+        cfg, plan, info = _one_field_setup(tmp_path / name, tiny_model, **tiling)
+        res = run_prompt_segment_batch(cfg, plan, "b0000", info, str(tmp_path / f"{name}.json"))
+        f = plan["fields"][0]
+        return (res["fields"][f["key"]], np.asarray(zarr.open_array(f"{f['predictions']}/0", mode="r")),
+                np.asarray(zarr.open_array(f"{f['labels']}/s0", mode="r")))
+    _, ref_maps, _ = run("small")
+    st, maps, labels = run("large", field_block=32)
+    assert st["status"] in ("ok", "empty") and st["n_blocks"] == 2
+    assert np.array_equal(maps, ref_maps) and float(np.abs(maps).max()) > 0
+    assert np.array_equal(np.unique(labels), np.arange(st["n_objects"] + 1))
