@@ -370,7 +370,6 @@ def _untiled(maps, out, p, shape, reach, threads, run, step, clock) -> _Watershe
         list(run(markers_of, enumerate(bands)))
     clock.lap("merge seeds")
     ws = bic.segmentation.watershed(hmap, markers=labels, mask=fg_mask)
-    del hmap
     clock.lap("watershed")
     out[tuple(slice(0, s) for s in shape)] = ws
     sizes = np.zeros(n_ws + 1, dtype=np.int64)
@@ -435,13 +434,27 @@ def _tiled(maps, out, p, blocks, block, shape, scratch, run, step, cache_bytes, 
     n_ws = int(seed_map.max())
     # the watershed runs faster on 32-bit markers; labels are the same for any marker dtype
     marker_dtype = np.uint32 if n_ws < 2**32 else np.uint64
+    # global ids written over the local ones once per block (one lookup per pixel), so that a block's markers
+    # are one read of its outer region, not a lookup per block it overlaps; else looked up on each read
+    in_place = n_ws <= np.iinfo(scratch.dtype).max
+
+    def to_global(blk):
+        o = int(seeds.offsets[blk.index])
+        local = np.asarray(scratch[blk.inner])
+        lut = seed_map[o:o + counts[blk.index] + 1].astype(scratch.dtype)
+        lut[0] = 0
+        scratch_w[blk.inner] = np.take(lut, local)
+
+    if in_place:
+        list(run(to_global, blocks))
     clock.lap("merge seeds")
     inner_fg: dict[tuple[int, ...], np.ndarray] = {}
 
     # pass 2: seeded watershed per block with halo, global seed ids; object sums of the inner part
     def watershed_of(blk):
         fg_mask, hmap = masks_for_watershed(blk)
-        markers = seeds.read_mapped(blk.outer, seed_map, marker_dtype)
+        markers = (np.asarray(scratch[blk.outer]).astype(marker_dtype, copy=False) if in_place
+                   else seeds.read_mapped(blk.outer, seed_map, marker_dtype))
         ws = bic.segmentation.watershed(hmap, markers=markers, mask=fg_mask)[blk.inner_local]
         out_w[blk.inner] = ws.astype(np.uint32, copy=False)
         if p.keep_unseeded:  # the rescue pass needs the inner foreground mask
