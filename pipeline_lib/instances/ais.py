@@ -9,8 +9,14 @@ Small objects are dropped and ids made consecutive with one global lookup table.
 
 Unlike micro-sam's tiled AIS, inputs are never modified (micro-sam smooths the maps in place while still
 reading them), so results are reproducible and agree with the untiled result up to the reach of the halo.
-With one block this is exactly micro-sam's ``InstanceSegmentationWithDecoder.generate`` (same library
-calls, same order).
+With one block the labels are exactly micro-sam's ``InstanceSegmentationWithDecoder.generate`` (same
+library calls; the smoothing, thresholds and seed labels run on row bands in parallel, which reproduces the
+full-image values and labels bit for bit, then one watershed over the field).
+
+Where the time goes (``bench/ais.py --profile``): the seeded watershed over each block plus its halo is over
+half, the three Gaussians about a third. Each block's maps are smoothed once (kept for the watershed pass
+within ``cache_bytes``), the center map only over the inner rows plus the reach, and the global seed ids are
+written over the local ones once, so that a block's markers are one read of its outer region.
 
 Option ``keep_unseeded`` (ours, off by default): foreground components that received no seed become objects
 of their own. micro-sam's smoothing removes the seeds of small objects, which are then lost entirely.
