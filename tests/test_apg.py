@@ -176,13 +176,35 @@ def test_empty_field_gives_empty_labels():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_overlap_counts_bits_equal_sparse_product(seed):
-    """Both ways of counting mask intersections (sparse product, packed bits) give the same pairs."""
+    """All ways of counting mask intersections (sparse product, dense product, packed bits) give the same
+    pairs."""
     from pipeline_lib.instances.nms import overlaps
     rng = np.random.default_rng(seed)
     c, dense = _random_candidates(rng, n=70, shape=(90, 130))
     inter = dense.astype(int) @ dense.T.astype(int)
     i, j = np.nonzero(np.triu(inter, k=1))
-    for method in ("sparse", "bits", "auto"):
+    for method in ("sparse", "gemm", "bits", "auto"):
+        a, b, v = overlaps(c, method)
+        o = np.lexsort((b, a))
+        assert np.array_equal(a[o], i) and np.array_equal(b[o], j) and np.array_equal(v[o], inter[i, j]), method
+
+
+def test_overlap_counts_gemm_over_column_chunks():
+    """Large masks covering more doubly covered pixels than one float32 column chunk of the dense product."""
+    from pipeline_lib.instances.nms import overlaps
+    rng = np.random.default_rng(7)
+    shape = (200, 260)
+    dense = rng.random((12, shape[0] * shape[1])) < 0.6
+    dense[3] = dense[2]  # an exact duplicate
+    parts = []
+    for row in dense:
+        pix = np.flatnonzero(row)
+        parts.append((np.array([0, len(pix)]), pix, np.array([len(pix)]), np.ones(1, np.float32),
+                      np.ones(1, np.float32), np.zeros((1, 4), np.int64), np.zeros((1, 2))))
+    c = Candidates.concat(shape, parts)
+    inter = dense.astype(np.int64) @ dense.T.astype(np.int64)
+    i, j = np.nonzero(np.triu(inter, k=1))
+    for method in ("gemm", "bits"):
         a, b, v = overlaps(c, method)
         o = np.lexsort((b, a))
         assert np.array_equal(a[o], i) and np.array_equal(b[o], j) and np.array_equal(v[o], inter[i, j]), method

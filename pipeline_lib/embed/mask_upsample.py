@@ -110,21 +110,24 @@ def upsample_masks(logits: torch.Tensor, tile_shape: tuple[int, int], origin: np
     lo = _count(full > lo_t)
     area = _count(mask)
     stability = torch.where(lo > 0, hi.float() / lo.clamp(min=1).float(), torch.zeros_like(hi, dtype=torch.float32))
-    bi, yy, xx = _nonzero(mask)
     area_np = area.cpu().numpy().astype(np.int64)
     ptr = np.zeros(b + 1, np.int64)
     np.cumsum(area_np, out=ptr[1:])
-    gyy = yy + y0[bi] + origin[bi, 0]
-    gxx = xx + x0[bi] + origin[bi, 1]
-    pixels = gyy.astype(np.int64) * width + gxx
+    oy = y0 + origin[:, 0]  # each window's first pixel in the field
+    ox = x0 + origin[:, 1]
+    # flat field index of the true pixels: with f = (mask k, row y, col x) in C order and q = f // ww =
+    # k * wh + y, the pixel (oy + y) * width + ox + x is f + q * (width - ww) + (oy * width + ox - k * wh * width)
+    f = _flat_true(mask)
+    pixels = f + (f // ww) * (width - ww)
+    pixels += np.repeat(oy * width + ox - np.arange(b, dtype=np.int64) * (wh * width), area_np)
     bbox = np.zeros((b, 4), np.int64)
-    if len(bi):
-        has = area_np > 0
-        starts = ptr[:-1][has]
-        bbox[has, 0] = np.minimum.reduceat(gyy, starts)
-        bbox[has, 2] = np.maximum.reduceat(gyy, starts) + 1
-        bbox[has, 1] = np.minimum.reduceat(gxx, starts)
-        bbox[has, 3] = np.maximum.reduceat(gxx, starts) + 1
+    has = area_np > 0
+    if has.any():  # first/last row and column with a true pixel, from the masks' row and column projections
+        rows, cols = mask.any(2).cpu().numpy()[has], mask.any(1).cpu().numpy()[has]
+        bbox[has, 0] = oy[has] + rows.argmax(1)
+        bbox[has, 2] = oy[has] + wh - rows[:, ::-1].argmax(1)
+        bbox[has, 1] = ox[has] + cols.argmax(1)
+        bbox[has, 3] = ox[has] + ww - cols[:, ::-1].argmax(1)
     return MaskBatch(ptr, pixels, area_np, stability.cpu().numpy().astype(np.float32), bbox)
 
 
@@ -135,15 +138,12 @@ def _count(m: torch.Tensor) -> torch.Tensor:
     return rows.sum(1)
 
 
-def _nonzero(m: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mask, row, col) of the true pixels of a (B, h, w) bool tensor, in C order (numpy on the CPU, where
-    ``np.flatnonzero`` is much faster than ``torch.nonzero``)."""
+def _flat_true(m: torch.Tensor) -> np.ndarray:
+    """C-order flat indices (int64, numpy) of the true entries of a bool tensor (numpy's ``flatnonzero`` on
+    the CPU, much faster than ``torch.nonzero``)."""
     if m.device.type != "cpu":
-        return tuple(t.cpu().numpy() for t in torch.nonzero(m, as_tuple=True))
-    _, h, w = m.shape
-    bi, rest = np.divmod(np.flatnonzero(m.numpy()), h * w)
-    yy, xx = np.divmod(rest, w)
-    return bi, yy, xx
+        return torch.nonzero(m.reshape(-1)).flatten().cpu().numpy()
+    return np.flatnonzero(m.numpy())
 
 
 def reference_masks(logits: torch.Tensor, tile_shape: tuple[int, int], threshold: float = 0.0,

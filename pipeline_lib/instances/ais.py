@@ -9,8 +9,14 @@ Small objects are dropped and ids made consecutive with one global lookup table.
 
 Unlike micro-sam's tiled AIS, inputs are never modified (micro-sam smooths the maps in place while still
 reading them), so results are reproducible and agree with the untiled result up to the reach of the halo.
-With one block this is exactly micro-sam's ``InstanceSegmentationWithDecoder.generate`` (same library
-calls, same order).
+With one block the labels are exactly micro-sam's ``InstanceSegmentationWithDecoder.generate`` (same
+library calls; the smoothing, thresholds and seed labels run on row bands in parallel, which reproduces the
+full-image values and labels bit for bit, then one watershed over the field).
+
+Where the time goes (``bench/ais.py --profile``): the seeded watershed over each block plus its halo is over
+half, the three Gaussians about a third. Each block's maps are smoothed once (kept for the watershed pass
+within ``cache_bytes``), the center map only over the inner rows plus the reach, and the global seed ids are
+written over the local ones once, so that a block's markers are one read of its outer region.
 
 Option ``keep_unseeded`` (ours, off by default): foreground components that received no seed become objects
 of their own. micro-sam's smoothing removes the seeds of small objects, which are then lost entirely.
@@ -20,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import product
@@ -57,22 +64,6 @@ def smoothing_reach(params: AISParams) -> int:
 def _smooth(x: np.ndarray, sigma: float) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     return bic.filters.gaussian_smoothing(x, sigma) if sigma > 0 else x
-
-
-def block_masks(maps: np.ndarray, p: AISParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(foreground mask, seed mask, watershed heightmap) for maps of shape (3, *spatial)."""
-    fg, center, boundary = _smooth_all(maps, p)
-    fg_mask = fg > p.foreground_threshold
-    seeds = (center < p.center_distance_threshold) & (boundary < p.boundary_distance_threshold) & fg_mask
-    return fg_mask, seeds, boundary
-
-
-def _smooth_all(maps: np.ndarray, p: AISParams, pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
-    """The three smoothed maps (foreground, center, boundary), concurrently when ``pool`` is given."""
-    sigmas = (p.foreground_smoothing, p.distance_smoothing, p.distance_smoothing)
-    if pool is None:
-        return [_smooth(m, s) for m, s in zip(maps, sigmas)]
-    return list(pool.map(_smooth, maps, sigmas))
 
 
 def ais_single(maps: np.ndarray, p: AISParams) -> np.ndarray:
@@ -133,7 +124,7 @@ class _GlobalIds:
             o = int(self.offsets[idx])
             lut = mapping[o:o + int(local.max(initial=0)) + 1].astype(dtype)
             lut[0] = 0
-            out[tuple(slice(s.start - r.start, s.stop - r.start) for s, r in zip(sub, region))] = lut[local]
+            out[tuple(slice(s.start - r.start, s.stop - r.start) for s, r in zip(sub, region))] = np.take(lut, local)
         return out
 
     def _face_regions(self, shape: Sequence[int]):
@@ -237,6 +228,33 @@ def _add_sums(area: np.ndarray, csum: np.ndarray, part: tuple[int, np.ndarray, n
     csum[:, lo:lo + len(counts)] += s
 
 
+class _Stopwatch:
+    """Wall seconds per stage, summed over calls (``timings`` of the result; ``bench/ais.py --profile``)."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.split: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.split[name] = self.split.get(name, 0.0) + now - self.t
+        self.t = now
+
+
+@dataclass
+class _Watershed:
+    """What the watershed pass leaves for the rescue and relabel passes."""
+
+    blocks: Sequence[Block]  # blocks (tiled) or row bands (untiled) of the later passes
+    block: tuple[int, ...]
+    scratch: Any
+    scratch_w: Any
+    n_ws: int
+    sizes: np.ndarray
+    csum: np.ndarray
+    inner_fg: Callable[[Block], np.ndarray]  # foreground mask over a block's inner region
+
+
 def ais_blockwise(maps: Any, out: Any, p: AISParams, block: int | Sequence[int],
                   halo: int | Sequence[int], scratch: Any = None,
                   progress: Callable[[str, int], None] | None = None, threads: int = 1,
@@ -247,8 +265,14 @@ def ais_blockwise(maps: Any, out: Any, p: AISParams, block: int | Sequence[int],
     Blocks run on ``threads`` worker threads (the smoothing and labelling release the GIL); the labels do
     not depend on the thread count. Each block's smoothed maps are computed once: the first pass keeps
     its foreground mask and heightmap for the watershed pass while they fit in ``cache_bytes`` (the rest is
-    recomputed), so memory is bounded by that budget plus one block with its halo per thread. Returns the
-    object statistics (``label``, ``area``, ``centroid`` per axis) and the number of objects.
+    recomputed), so memory is bounded by that budget plus one block with its halo per thread.
+
+    With one block (untiled) the smoothing, thresholds and seed labelling run on row bands (the first axis)
+    on the pool: a Gaussian over a band plus ``smoothing_reach`` rows gives the full-image values bit for bit
+    (unlike a crop along the last axis, whose SIMD alignment changes the rounding), and band labels merged
+    across the band faces and numbered by first pixel are the full-image labels; then one watershed runs on
+    the whole field. So the labels are micro-sam's untiled ones. Returns the object statistics (``label``,
+    ``area``, ``centroid`` per axis), the number of objects and ``timings`` (wall seconds per stage).
     """
     shape = tuple(out.shape)
     ndim = len(shape)
@@ -258,31 +282,121 @@ def ais_blockwise(maps: Any, out: Any, p: AISParams, block: int | Sequence[int],
     reach = smoothing_reach(p)
     halo_t = tuple(max(h, reach) if b < s else 0 for h, b, s in zip(halo_t, block, shape))
     blocks = block_grid(shape, block, halo_t)
-    if scratch is None:  # local labels of one block: uint32 is plenty
-        scratch = np.zeros(shape, dtype=np.uint32)
     step = progress or (lambda name, i: None)
     threads = max(1, int(threads))
-    out_w, scratch_w = _Writes(out, block), _Writes(scratch, block)
+    clock = _Stopwatch()
     with contextlib.ExitStack() as stack:
-        pool = stack.enter_context(ThreadPoolExecutor(threads)) if threads > 1 and len(blocks) > 1 else None
-        # fewer blocks than threads (e.g. untiled): the three maps of a block are smoothed concurrently
-        inner_pool = (stack.enter_context(ThreadPoolExecutor(min(3, threads)))
-                      if threads > 1 and len(blocks) < threads else None)
+        pool = stack.enter_context(ThreadPoolExecutor(threads)) if threads > 1 else None
         run = pool.map if pool is not None else map
-        return _ais_passes(maps, out, p, blocks, block, shape, scratch, out_w, scratch_w, run, inner_pool,
-                           step, cache_bytes)
+        if len(blocks) == 1:
+            ws = _untiled(maps, out, p, shape, reach, threads, run, step, clock)
+        else:
+            if scratch is None:  # local labels of one block: uint32 is plenty
+                scratch = np.zeros(shape, dtype=np.uint32)
+            ws = _tiled(maps, out, p, blocks, block, shape, scratch, run, step, cache_bytes, clock)
+        res = _finish(out, p, ws, shape, run, step, clock)
+    res["timings"] = clock.split
+    return res
 
 
-def _ais_passes(maps, out, p, blocks, block, shape, scratch, out_w, scratch_w, run, inner_pool, step,
-                cache_bytes) -> dict[str, Any]:
+def _maps_at(maps: Any, region: tuple[slice, ...], channel: Any = slice(None)) -> np.ndarray:
+    return np.asarray(maps[(channel,) + region], dtype=np.float32)
+
+
+def _bands(shape: Sequence[int], threads: int, reach: int) -> list[Block]:
+    """Row bands (whole planes of the first axis) for the untiled path: two per thread, none thinner than
+    a few smoothing reaches (each band smooths ``reach`` extra rows on either side)."""
+    n = max(1, min(2 * threads if threads > 1 else 1, shape[0] // (8 * reach)))
+    return block_grid(shape, (-(-shape[0] // n),) + tuple(shape[1:]), 0)
+
+
+def _face_edges(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
+    """(n, 2) id pairs of touching pixels (full connectivity) between two adjacent planes of global ids."""
+    edges = []
+    for d in product((-1, 0, 1), repeat=top.ndim):
+        src = tuple(slice(max(0, -o), n - max(0, o)) for o, n in zip(d, top.shape))
+        dst = tuple(slice(s.start + o, s.stop + o) for s, o in zip(src, d))
+        a, b = top[src], bottom[dst]
+        sel = (a > 0) & (b > 0)
+        if sel.any():
+            edges.append(np.stack([a[sel], b[sel]], axis=1))
+    return np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
+
+
+def _untiled(maps, out, p, shape, reach, threads, run, step, clock) -> _Watershed:
+    """The one-block path: banded smoothing, thresholds and seed labels, one watershed (see ais_blockwise)."""
+    bands = _bands(shape, threads, reach)
+    rest = tuple(slice(0, s) for s in shape[1:])
+    fg_mask = np.empty(shape, bool)
+    hmap = np.empty(shape, np.float32)
+    labels = np.empty(shape, np.uint32)  # band-local seed labels, then the watershed markers
+
+    def seeds_of(blk: Block) -> int:
+        a, b = blk.inner[0].start, blk.inner[0].stop
+        lo, hi = max(a - reach, 0), min(b + reach, shape[0])
+        raw = _maps_at(maps, (slice(lo, hi),) + rest)
+        inner = slice(a - lo, b - lo)
+        fg = _smooth(raw[0], p.foreground_smoothing)[inner]
+        center = _smooth(raw[1], p.distance_smoothing)[inner]
+        np.copyto(hmap[a:b], _smooth(raw[2], p.distance_smoothing)[inner])
+        np.greater(fg, p.foreground_threshold, out=fg_mask[a:b])
+        seed = (center < p.center_distance_threshold) & (hmap[a:b] < p.boundary_distance_threshold) & fg_mask[a:b]
+        lab, n = _label(seed)
+        if n >= 2**32:
+            raise ValueError(f"{n} seeds in one band: too many for uint32 markers")
+        labels[a:b] = lab
+        return n
+
+    counts = list(run(seeds_of, bands))
+    step("seeds", 0)
+    clock.lap("smooth+seeds")
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    n_seeds = int(offsets[-1])
+    edges = []
+    for k, blk in enumerate(bands[1:], start=1):  # band k's first plane touches band k-1's last one
+        a = blk.inner[0].start
+        top, bottom = labels[a - 1].astype(np.int64), labels[a].astype(np.int64)
+        np.add(top, offsets[k - 1], out=top, where=top > 0)
+        np.add(bottom, offsets[k], out=bottom, where=bottom > 0)
+        edges.append(_face_edges(top, bottom))
+    edges = np.unique(np.concatenate(edges), axis=0) if edges else np.zeros((0, 2), np.int64)
+    seed_map = _components(n_seeds, edges)  # numbered by first member: the full image's row-major order
+    n_ws = int(seed_map.max())
+    if n_ws >= 2**32:
+        raise ValueError(f"{n_ws} seeds: too many for uint32 markers")
+
+    def markers_of(k_blk: tuple[int, Block]) -> None:
+        k, blk = k_blk
+        a, b = blk.inner[0].start, blk.inner[0].stop
+        lut = seed_map[offsets[k]:offsets[k] + counts[k] + 1].astype(np.uint32)
+        lut[0] = 0
+        labels[a:b] = np.take(lut, labels[a:b])
+
+    if len(bands) > 1:
+        list(run(markers_of, enumerate(bands)))
+    clock.lap("merge seeds")
+    ws = bic.segmentation.watershed(hmap, markers=labels, mask=fg_mask)
+    clock.lap("watershed")
+    out[tuple(slice(0, s) for s in shape)] = ws
+    sizes = np.zeros(n_ws + 1, dtype=np.int64)
+    csum = np.zeros((len(shape), n_ws + 1))
+    for part in run(lambda blk: _sums(ws[blk.inner], [s.start for s in blk.inner]), bands):
+        _add_sums(sizes, csum, part)
+    step("watershed", 0)
+    clock.lap("write+sums")
+    # the markers array is free now: it holds the band labels of the rescue pass
+    return _Watershed(bands, bands[0].inner_shape, labels, labels, n_ws, sizes, csum,
+                      lambda blk: fg_mask[blk.inner])
+
+
+def _tiled(maps, out, p, blocks, block, shape, scratch, run, step, cache_bytes, clock) -> _Watershed:
+    """Seed labels per block, global seed ids, then the seeded watershed per block with its halo."""
     ndim = len(shape)
+    out_w, scratch_w = _Writes(out, block), _Writes(scratch, block)
     cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
     budget = [int(cache_bytes)]
-    single = len(blocks) == 1
+    reach = smoothing_reach(p)
     lock = threading.Lock()
-
-    def maps_at(region, channel=slice(None)):
-        return np.asarray(maps[(channel,) + region], dtype=np.float32)
 
     def masks_for_watershed(blk):
         """(foreground mask, heightmap) over the block with its halo: from the cache, or recomputed."""
@@ -290,26 +404,29 @@ def _ais_passes(maps, out, p, blocks, block, shape, scratch, out_w, scratch_w, r
             hit = cache.pop(blk.index, None)
         if hit is not None:
             return hit
-        fg = _smooth(maps_at(blk.outer, 0), p.foreground_smoothing)  # the center distance is not needed
-        return fg > p.foreground_threshold, _smooth(maps_at(blk.outer, 2), p.distance_smoothing), None
+        fg = _smooth(_maps_at(maps, blk.outer, 0), p.foreground_smoothing)  # the center distance is not needed
+        return fg > p.foreground_threshold, _smooth(_maps_at(maps, blk.outer, 2), p.distance_smoothing)
 
     # pass 1: local seed labels per block (maps smoothed once, kept for pass 2 within the budget)
     def seeds_of(blk):
-        fg, center, boundary = _smooth_all(maps_at(blk.outer), p, inner_pool)
-        fg_mask = fg > p.foreground_threshold
+        raw = _maps_at(maps, blk.outer)
+        fg = _smooth(raw[0], p.foreground_smoothing)
+        boundary = _smooth(raw[2], p.distance_smoothing)
         il = blk.inner_local
-        seed = (center[il] < p.center_distance_threshold) & (boundary[il] < p.boundary_distance_threshold) \
-            & fg_mask[il]
+        # seeds only over the inner part: the center map is smoothed over its rows plus the reach (exact:
+        # a crop along the first axis leaves the Gaussian's values unchanged), with the outer width
+        r0, r1 = max(il[0].start - reach, 0), min(il[0].stop + reach, raw.shape[1])
+        center = _smooth(raw[1, r0:r1], p.distance_smoothing)
+        fg_mask = fg > p.foreground_threshold
+        seed = (center[(slice(il[0].start - r0, il[0].stop - r0),) + il[1:]] < p.center_distance_threshold) \
+            & (boundary[il] < p.boundary_distance_threshold) & fg_mask[il]
         lab, n = _label(seed)
-        if single:  # one block, no halo: its seed labels are the watershed markers (ids stay as they are)
-            cache[blk.index] = (fg_mask, boundary, lab.astype(np.uint32) if n < 2**32 else lab)
-            return n
         scratch_w[blk.inner] = lab.astype(scratch.dtype, copy=False)
         nbytes = fg_mask.nbytes + boundary.nbytes
         with lock:
             if budget[0] >= nbytes:
                 budget[0] -= nbytes
-                cache[blk.index] = (fg_mask, boundary, None)
+                cache[blk.index] = (fg_mask, boundary)
         return n
 
     seeds = _GlobalIds(scratch, blocks, block)
@@ -317,22 +434,38 @@ def _ais_passes(maps, out, p, blocks, block, shape, scratch, out_w, scratch_w, r
     for i, (blk, n) in enumerate(zip(blocks, run(seeds_of, blocks))):
         counts[blk.index] = n
         step("seeds", i)
+    clock.lap("smooth+seeds")
     n_seeds = seeds.set_counts(counts)
     seed_map = _components(n_seeds, seeds.merge_edges(shape))
     n_ws = int(seed_map.max())
     # the watershed runs faster on 32-bit markers; labels are the same for any marker dtype
     marker_dtype = np.uint32 if n_ws < 2**32 else np.uint64
+    # global ids written over the local ones once per block (one lookup per pixel), so that a block's markers
+    # are one read of its outer region, not a lookup per block it overlaps; else looked up on each read
+    in_place = n_ws <= np.iinfo(scratch.dtype).max
+
+    def to_global(blk):
+        o = int(seeds.offsets[blk.index])
+        local = np.asarray(scratch[blk.inner])
+        lut = seed_map[o:o + counts[blk.index] + 1].astype(scratch.dtype)
+        lut[0] = 0
+        scratch_w[blk.inner] = np.take(lut, local)
+
+    if in_place:
+        list(run(to_global, blocks))
+    clock.lap("merge seeds")
+    inner_fg: dict[tuple[int, ...], np.ndarray] = {}
 
     # pass 2: seeded watershed per block with halo, global seed ids; object sums of the inner part
     def watershed_of(blk):
-        fg_mask, hmap, markers = masks_for_watershed(blk)
-        if markers is None:
-            markers = seeds.read_mapped(blk.outer, seed_map, marker_dtype)
+        fg_mask, hmap = masks_for_watershed(blk)
+        markers = (np.asarray(scratch[blk.outer]).astype(marker_dtype, copy=False) if in_place
+                   else seeds.read_mapped(blk.outer, seed_map, marker_dtype))
         ws = bic.segmentation.watershed(hmap, markers=markers, mask=fg_mask)[blk.inner_local]
         out_w[blk.inner] = ws.astype(np.uint32, copy=False)
         if p.keep_unseeded:  # the rescue pass needs the inner foreground mask
             with lock:
-                cache[blk.index] = (np.ascontiguousarray(fg_mask[blk.inner_local]), None, None)
+                inner_fg[blk.index] = np.ascontiguousarray(fg_mask[blk.inner_local])
         return _sums(ws, [s.start for s in blk.inner])
 
     sizes = np.zeros(n_ws + 1, dtype=np.int64)
@@ -340,19 +473,31 @@ def _ais_passes(maps, out, p, blocks, block, shape, scratch, out_w, scratch_w, r
     for i, part in enumerate(run(watershed_of, blocks)):
         _add_sums(sizes, csum, part)
         step("watershed", i)
+    cache.clear()
+    clock.lap("watershed+sums")
 
+    def fg_inner(blk):
+        with lock:
+            hit = inner_fg.pop(blk.index, None)
+        return hit if hit is not None else masks_for_watershed(blk)[0][blk.inner_local]
+
+    return _Watershed(blocks, block, scratch, scratch_w, n_ws, sizes, csum, fg_inner)
+
+
+def _finish(out, p, w: _Watershed, shape, run, step, clock) -> dict[str, Any]:
+    """Optional rescue of unseeded foreground, size filter, consecutive ids, statistics."""
+    ndim = len(shape)
+    blocks, n_ws, sizes, csum = w.blocks, w.n_ws, w.sizes, w.csum
+    out_w = _Writes(out, w.block)
     # optional pass: foreground components without any seed become objects
     n_rescued = 0
     rest = rest_map = None
     if p.keep_unseeded:
-        rest = _GlobalIds(scratch, blocks, block)
+        rest = _GlobalIds(w.scratch, blocks, w.block)
 
         def unseeded_of(blk):
-            with lock:
-                hit = cache.pop(blk.index, None)
-            fg_in = hit[0] if hit is not None else masks_for_watershed(blk)[0][blk.inner_local]
-            lab, n = _label(fg_in & (np.asarray(out[blk.inner]) == 0))
-            scratch_w[blk.inner] = lab.astype(scratch.dtype, copy=False)
+            lab, n = _label(w.inner_fg(blk) & (np.asarray(out[blk.inner]) == 0))
+            w.scratch_w[blk.inner] = lab.astype(w.scratch.dtype, copy=False)
             return n
 
         counts = {blk.index: n for blk, n in zip(blocks, run(unseeded_of, blocks))}
@@ -366,7 +511,7 @@ def _ais_passes(maps, out, p, blocks, block, shape, scratch, out_w, scratch_w, r
             _add_sums(rest_sizes, rest_csum, part)
         sizes = np.concatenate([sizes, rest_sizes[1:]])
         csum = np.concatenate([csum, rest_csum[:, 1:]], axis=1)
-    cache.clear()
+        clock.lap("rescue")
 
     # global lookup: size filter + consecutive ids (micro-sam drops objects with size < min_size)
     keep = sizes >= max(p.min_size, 1)
@@ -377,15 +522,19 @@ def _ais_passes(maps, out, p, blocks, block, shape, scratch, out_w, scratch_w, r
 
     # pass 3: apply the lookup (not needed when it is the identity)
     if not (n_rescued == 0 and n_final == n_ws):
+        final32 = final.astype(np.uint32)
+
         def relabel(blk):
-            ids = np.asarray(out[blk.inner]).astype(np.int64)
+            ids = np.asarray(out[blk.inner])
             if n_rescued:
+                ids = ids.astype(np.int64)
                 r = rest_map[rest.read(blk.inner)]
                 ids = np.where(ids > 0, ids, np.where(r > 0, r + n_ws, 0))
-            out_w[blk.inner] = final[ids].astype(np.uint32)
+            out_w[blk.inner] = np.take(final32, ids)
 
         for i, _ in enumerate(run(relabel, blocks)):
             step("relabel", i)
+        clock.lap("relabel")
     area = sizes[keep]
     with np.errstate(invalid="ignore", divide="ignore"):
         centroid = csum[:, keep] / area
