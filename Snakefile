@@ -3,11 +3,13 @@
 #   snakemake --profile slurm --configfile my.yaml             (cluster, from the repository root)
 # Data flow: model -> plan (checkpoint) -> per batch of fields:
 #   ais:     predict (GPU: decoder maps) -> segment (CPU: watershed)
-#   apg/amg: segment (GPU: embed, decode prompts, mask NMS)
+#   apg/amg: prompt_segment (GPU: embed, decode prompts, mask NMS)
+#   (the chain of each method: pipeline_lib/methods.py)
 # -> measure (CPU: features in every channel, AnnData tables, accuracy vs ground truth) -> aggregate -> report
 # A folder of TIFF/CZI/ND2 files (ingest.source) is first converted into the OME-Zarr plate at `input`.
 # Volumes (single image with z > 1): workflow/rules/volume.smk (slices -> yx stitch -> 3D merge -> relabel).
 from pipeline_lib.config import validate_config
+from pipeline_lib.methods import get_method, method_sections, network_sections
 from pipeline_lib.steps.volume_plan import input_is_volume
 
 if not config:
@@ -17,6 +19,7 @@ CFG = validate_config(config, source="the Snakemake config")
 OUT = CFG["output"]
 USE_MODEL = not CFG["predictions"]
 METHOD = CFG["method"]  # "auto" is resolved by validate_config
+METHOD_SPEC = get_method(METHOD)  # what the method needs and which rules run it (pipeline_lib/methods.py)
 INGEST = bool(CFG["ingest"]["source"])
 VOLUME = not INGEST and input_is_volume(CFG["input"])
 
@@ -32,7 +35,7 @@ if VOLUME:
 
     include: "workflow/rules/volume.smk"
 
-elif METHOD == "ais":
+elif METHOD_SPEC.chain == "predict_segment":
 
     include: "workflow/rules/predict.smk"
     include: "workflow/rules/segment.smk"

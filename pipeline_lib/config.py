@@ -63,14 +63,22 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
 def check_runnable(cfg: dict[str, Any], source: str = "config") -> list[str]:
     """What ``python -m pipeline_lib validate`` checks beyond the schema, without running anything: the
     model name, and that the input (or ingest.source) and ``predictions`` exist. Returns the problems."""
+    from .methods import get_method
     from .models.registry import MODELS
     problems = []
     model = cfg["model"]
-    if not cfg.get("predictions") and not model.get("checkpoint") and model["name"] not in MODELS:
+    sam = get_method(cfg).network == "sam"
+    if get_method(cfg).network == "cellpose" and not cfg.get("predictions"):
+        from .models.cellpose import PUBLISHED
+        m = cfg["cellpose"]["model"]
+        if m not in PUBLISHED and not os.path.isfile(m):
+            problems.append(f"cellpose.model: '{m}' is neither a published name ({', '.join(PUBLISHED)}) nor an "
+                            "existing file.")
+    if sam and not cfg.get("predictions") and not model.get("checkpoint") and model["name"] not in MODELS:
         problems.append(f"model.name: unknown model '{model['name']}'. Valid names: {', '.join(sorted(MODELS))}; "
                         "or give model.checkpoint (and model.decoder).")
     for key in ("checkpoint", "decoder"):
-        if not cfg.get("predictions") and model.get(key) and not os.path.exists(model[key]):
+        if sam and not cfg.get("predictions") and model.get(key) and not os.path.exists(model[key]):
             problems.append(f"model.{key}: '{model[key]}' does not exist.")
     if cfg["ingest"].get("source"):
         if not os.path.isdir(cfg["ingest"]["source"]):
@@ -86,13 +94,15 @@ def check_runnable(cfg: dict[str, Any], source: str = "config") -> list[str]:
 def resolve_method(cfg: dict[str, Any], source: str = "config") -> str:
     """The concrete method for ``method: auto`` (and a check that the choice can run at all)."""
     from .models.registry import MODELS
+    from .methods import METHODS
     method = cfg["method"]
     model = cfg["model"]
     published = None if model.get("checkpoint") else MODELS.get(model["name"])
     if cfg.get("predictions"):
-        if method == "amg":
-            raise ConfigError(f"{source}: method 'amg' does not use decoder maps, so `predictions` has no "
-                              "effect with it. Drop `predictions`, or use method 'apg' or 'ais'.")
+        if method != "auto" and METHODS[method].store is None:
+            readers = ", ".join(f"'{m.name}'" for m in METHODS.values() if m.store)
+            raise ConfigError(f"{source}: method '{method}' does not use a predictions store, so `predictions` "
+                              f"has no effect with it. Drop `predictions`, or use method {readers}.")
         return "ais" if method == "auto" else method
     if method != "auto":
         return method
@@ -142,6 +152,14 @@ def ais_params(cfg: dict[str, Any]):
         else d["boundary_distance_threshold"],
         foreground_threshold=a["foreground_threshold"], foreground_smoothing=a["foreground_smoothing"],
         distance_smoothing=a["distance_smoothing"], min_size=a["min_size"], keep_unseeded=a["keep_unseeded"])
+
+
+def cellpose_params(cfg: dict[str, Any]):
+    """FlowParams of cellpose's flows -> masks step from the ``cellpose`` section."""
+    from .instances.flows import FlowParams
+    c = cfg["cellpose"]
+    return FlowParams(c["cellprob_threshold"], c["flow_threshold"], c["niter"], c["min_size"],
+                      c["max_size_fraction"], c["diameter"])
 
 
 def merge3d_params(cfg: dict[str, Any]):

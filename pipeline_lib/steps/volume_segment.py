@@ -13,12 +13,11 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..config import ais_params
 from ..engine.runner import failed, run_units
-from ..instances.ais import ais_single
 from ..instances.ais3d import ais_stack, z_halo
 from ..io.ome_zarr import read_region, write_atomic, write_json_atomic
 from ..io.volume import Volume3D, read_volume_maps
+from ..methods import get_method
 from ..stitch.tile_match import intersect, local, split_unit
 from ..stitch.volume_grid import VolumeGrid
 from .volume_plan import anisotropy, open_volume, plan_grid
@@ -35,20 +34,25 @@ class SliceSegmenter:
     def __init__(self, cfg: dict[str, Any], volume: Volume3D, maps: Any, model_info: dict[str, Any] | None,
                  anisotropy: float = 1.0):
         self.cfg = cfg
-        self.method = cfg["method"]
+        self.spec = spec = get_method(cfg)
+        self.method = spec.name
         self.volume = volume
         self.maps = maps
-        self.ais = ais_params(cfg) if self.method == "ais" else None
-        self.stack = self.method == "ais" and cfg["volume"]["instances"] == "stack"
+        if spec.network != "sam":
+            raise ValueError(f"method '{spec.name}' is not available for volumes yet; use ais, apg or amg.")
+        # maps -> 2D labels (methods.Method.slice_instances, e.g. AIS) for the predict -> segment chain
+        self.params = spec.resolved_params(cfg) if spec.chain == "predict_segment" else None
+        self.slice_labels = spec.step("slice_instances") if spec.chain == "predict_segment" else None
+        self.stack = spec.stack_instances and cfg["volume"]["instances"] == "stack"
         self.anisotropy = anisotropy
-        self.z_halo = z_halo(self.ais, anisotropy) if self.stack else 0
+        self.z_halo = z_halo(self.params, anisotropy) if self.stack else 0
         self.model = self.decoder = None
-        if not (self.method == "ais" and maps is not None):
+        if spec.uses_model(cfg):
             from ..embed.prompt_decoder import PromptDecoder
             from .model import load_resolved
             self.model = load_resolved(model_info, cfg["model"]["device"],
-                                       require_decoder=self.method in ("ais", "apg") and maps is None)
-            self.decoder = PromptDecoder(self.model.sam) if self.method != "ais" else None
+                                       require_decoder=spec.store == "sam_maps" and maps is None)
+            self.decoder = PromptDecoder(self.model.sam) if spec.chain == "prompt_segment" else None
 
     @property
     def device(self) -> str:
@@ -77,23 +81,23 @@ class SliceSegmenter:
         shape = tuple(s.stop - s.start for s in region)
         if self.stack:
             a, b = max(0, z0 - self.z_halo), min(self.volume.shape[0], z1 + self.z_halo)
-            return ais_stack(self._stack_maps(a, b, region), self.ais, self.anisotropy)[z0 - a:z1 - a]
+            return ais_stack(self._stack_maps(a, b, region), self.params, self.anisotropy)[z0 - a:z1 - a]
         out = np.zeros((z1 - z0, *shape), dtype=np.uint32)
         if self.model is None:
             for k, z in enumerate(range(z0, z1)):
-                out[k] = ais_single(self._maps(z, region), self.ais)
+                out[k] = self.slice_labels(self._maps(z, region), self.params)
             return out
         from ..embed.predict import FieldTask, embed_tasks  # torch only where a model runs
         from .prompt_segment import prompt_labels
         tasks = [FieldTask(f"z{z}", self.volume[(z,) + tuple(region)], None) for z in range(z0, z1)]
-        with_maps = self.method in ("ais", "apg") and self.maps is None
+        with_maps = self.spec.store == "sam_maps" and self.maps is None
         enc = self.cfg["encoder"]
         embedded = embed_tasks(self.model, tasks, max(shape), 0, enc["batch_size"], enc["precision"], with_maps)
         for k, (z, (blocks, emb, maps)) in enumerate(zip(range(z0, z1), embedded)):
-            if maps is None and self.method != "amg":
+            if maps is None and self.spec.store is not None:
                 maps = self._maps(z, region)
-            if self.method == "ais":
-                out[k] = ais_single(maps, self.ais)
+            if self.slice_labels is not None:
+                out[k] = self.slice_labels(maps, self.params)
             else:
                 out[k] = prompt_labels(self.cfg, self.decoder, blocks, emb, maps, shape, max(shape))[0]
         return out

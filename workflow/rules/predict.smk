@@ -6,7 +6,7 @@ rule predict:
     output:
         f"{OUT}/jobs/predict/{{batch}}.json",
     params:
-        encoder=CFG["encoder"], tiling=CFG["tiling"], channel=CFG["channel"],
+        network=network_sections(CFG), tiling=CFG["tiling"], channel=CFG["channel"],
     threads: 4
     resources:
         gpu=1,
@@ -15,7 +15,5 @@ rule predict:
     log:
         f"{OUT}/logs/predict/{{batch}}.log"
     run:
-        import sys
-        from pipeline_lib.steps.predict import run_predict_batch
-        logged(log, lambda: run_predict_batch(
+        logged(log, lambda: METHOD_SPEC.step("predict")(
             CFG, read_json_file(input.plan), wildcards.batch, read_json_file(input.model), output[0]))

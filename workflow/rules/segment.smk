@@ -5,13 +5,12 @@ rule segment:
     output:
         json=f"{OUT}/jobs/segment/{{batch}}.json",
     params:
-        ais=CFG["ais"], labels=CFG["labels"], tiling=CFG["tiling"], method=CFG["method"],
+        sections=method_sections(CFG), labels=CFG["labels"], tiling=CFG["tiling"], method=CFG["method"],
     threads: 4
     benchmark:
         f"{OUT}/benchmarks/segment/{{batch}}.tsv"
     log:
         f"{OUT}/logs/segment/{{batch}}.log"
     run:
-        from pipeline_lib.steps.segment import run_segment_batch
-        logged(log, lambda: run_segment_batch(
+        logged(log, lambda: METHOD_SPEC.step("segment")(
             CFG, read_json_file(input.plan), wildcards.batch, input.get("predicted"), output.json, threads=threads))

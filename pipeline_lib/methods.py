@@ -1,0 +1,128 @@
+"""The method registry: one entry per segmentation method, saying what it needs and which steps run it.
+
+Everything that used to be a branch on the method name (the model to resolve, whether the decoder is
+needed, whether a predictions store is written or read and of which kind, the Snakemake rule chain, the
+provenance keys, the resolved thresholds) is read off :data:`METHODS`. A new method is one entry here plus
+its steps and its schema section. Steps are import paths (``"module:function"``) so that this module
+imports neither torch nor the algorithm packages.
+
+Predictions stores come in two kinds, both (3, Y, X) float16 per field: ``sam_maps`` (micro-sam's decoder
+maps: foreground, center distance, boundary distance) and ``flows`` (Cellpose's ``dY, dX, cellprob``).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+#: Root attribute of a predictions store naming its kind (``sam_maps`` or ``flows``); absent in stores
+#: written before the registry (read as ``sam_maps``).
+STORE_KIND_KEY = "pipeline_lib_predictions_kind"
+STORE_KINDS = {"sam_maps": "micro-sam decoder maps (foreground, center distance, boundary distance)",
+               "flows": "Cellpose flows (dY, dX, cellprob)"}
+
+
+@dataclass(frozen=True)
+class Method:
+    """What one method needs and which steps run it.
+
+    ``network``: the model the ``model`` rule resolves (``sam``: SAM encoder + optional decoder from
+    ``model:``; ``cellpose``: a Cellpose-SAM net from ``cellpose.model``). ``store``: the kind of
+    predictions store the method writes (and reads with ``predictions:``), None for none. ``network_reads
+    _predictions``: the network still runs when ``predictions`` is given (APG: SAM decodes prompts from the
+    given maps); otherwise ``predictions`` skips the model entirely and the job needs no GPU.
+    ``chain``: ``predict_segment`` (GPU ``predict`` -> CPU ``segment`` rules) or ``prompt_segment`` (one GPU
+    ``prompt_segment`` rule). ``sections``: the config sections that decide its objects (provenance, rule
+    params). ``params``: import path of ``f(cfg) -> dataclass`` of the resolved parameters. ``predict`` /
+    ``segment``: import paths of the batch steps the rules call; ``instances``: the per-field instance step
+    of the ``segment`` rule (``f(cfg, predictions, out, scratch, progress, threads) -> dict``) or of the
+    prompt step (``f(cfg, decoder, blocks, maps, shape, tile, clock) -> (labels, info)``).
+    ``slice_instances``: ``f(maps, params) -> labels`` of one in-memory (3, h, w) crop (volume slices of the
+    predict -> segment chain). ``stack_instances``: ``volume.instances: stack`` applies (AIS in 3D).
+    """
+
+    name: str
+    network: str
+    store: str | None
+    chain: str
+    sections: tuple[str, ...]
+    params: str
+    predict: str | None = None
+    segment: str | None = None
+    instances: str | None = None
+    slice_instances: str | None = None
+    stack_instances: bool = False
+    network_reads_predictions: bool = False
+    description: str = ""
+
+    def needs_decoder(self, cfg: dict[str, Any]) -> bool:
+        """Whether the SAM instance decoder must run: the method uses decoder maps and they are not given."""
+        return self.network == "sam" and self.store == "sam_maps" and not cfg.get("predictions")
+
+    def uses_model(self, cfg: dict[str, Any]) -> bool:
+        """Whether any network runs (and the jobs that run it need a GPU)."""
+        return not cfg.get("predictions") or self.network_reads_predictions
+
+    def resolved_params(self, cfg: dict[str, Any]) -> Any:
+        return load(self.params)(cfg)
+
+    def step(self, kind: str) -> Callable:
+        """The callable of step ``kind`` (``predict``, ``segment``, ``instances``)."""
+        path = getattr(self, kind)
+        if path is None:
+            raise ValueError(f"method '{self.name}' has no {kind} step (its rule chain is {self.chain}).")
+        return load(path)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("apg", network="sam", store="sam_maps", chain="prompt_segment", sections=("apg", "encoder"),
+           params="pipeline_lib.config:apg_params", segment="pipeline_lib.steps.prompt_segment:run_prompt_segment_batch",
+           instances="pipeline_lib.steps.prompt_segment:apg_labels", network_reads_predictions=True,
+           description="automatic prompt generation: decoder maps give point prompts, SAM decodes them, mask NMS"),
+    Method("ais", network="sam", store="sam_maps", chain="predict_segment", sections=("ais",),
+           params="pipeline_lib.config:ais_params", predict="pipeline_lib.steps.predict:run_predict_batch",
+           segment="pipeline_lib.steps.segment:run_segment_batch",
+           instances="pipeline_lib.steps.segment:ais_instances",
+           slice_instances="pipeline_lib.instances.ais:ais_single", stack_instances=True,
+           description="seeded watershed on the decoder maps"),
+    Method("amg", network="sam", store=None, chain="prompt_segment", sections=("amg", "encoder"),
+           params="pipeline_lib.config:amg_params", segment="pipeline_lib.steps.prompt_segment:run_prompt_segment_batch",
+           instances="pipeline_lib.steps.prompt_segment:amg_labels",
+           description="SAM's point-grid automatic mask generator (no decoder)"),
+    Method("cellpose_sam", network="cellpose", store="flows", chain="predict_segment", sections=("cellpose",),
+           params="pipeline_lib.config:cellpose_params",
+           predict="pipeline_lib.steps.cellpose:run_cellpose_predict_batch",
+           segment="pipeline_lib.steps.segment:run_segment_batch",
+           instances="pipeline_lib.steps.cellpose:cellpose_instances",
+           slice_instances="pipeline_lib.embed.cellpose_dynamics:cellpose_masks",
+           description="Cellpose-SAM: cellpose's network writes flows, cellpose's dynamics make the masks"),
+]}
+
+
+def load(path: str) -> Callable:
+    """The object at ``"module:attribute"``."""
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def get_method(name_or_cfg: str | dict[str, Any]) -> Method:
+    """The registry entry of a method name, or of a validated config's ``method``."""
+    name = name_or_cfg["method"] if isinstance(name_or_cfg, dict) else name_or_cfg
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method '{name}'; known: {', '.join(METHODS)}") from None
+
+
+#: The config sections of each network (rule params of the jobs that run it).
+NETWORK_SECTIONS = {"sam": ("encoder",), "cellpose": ("cellpose",)}
+
+
+def network_sections(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config sections of the configured method's network (``predict`` rule params)."""
+    return {k: cfg[k] for k in NETWORK_SECTIONS[get_method(cfg).network]}
+
+
+def method_sections(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config sections of the configured method (Snakemake rule params: a change reruns the jobs)."""
+    return {k: cfg[k] for k in get_method(cfg).sections}
