@@ -126,3 +126,23 @@ def network_sections(cfg: dict[str, Any]) -> dict[str, Any]:
 def method_sections(cfg: dict[str, Any]) -> dict[str, Any]:
     """The config sections of the configured method (Snakemake rule params: a change reruns the jobs)."""
     return {k: cfg[k] for k in get_method(cfg).sections}
+
+
+# Several methods side by side (issue 14 section 3; the workflow runs one method per run so far): the layout
+# they will use, so that the plan and the comparison step already name each method's outputs.
+def method_names(cfg: dict[str, Any]) -> list[str]:
+    """The configured method(s), in order."""
+    m = cfg["method"]
+    return list(m) if isinstance(m, (list, tuple)) else [m]
+
+
+def method_label_name(cfg: dict[str, Any], name: str) -> str:
+    """``labels/<labels.name>`` for one method, ``labels/<labels.name>_<method>`` for each of several."""
+    base = cfg["labels"]["name"]
+    return base if len(method_names(cfg)) == 1 else f"{base}_{name}"
+
+
+def method_output(cfg: dict[str, Any], name: str) -> str:
+    """``<output>`` for one method, ``<output>/methods/<method>`` (its tables and metrics) for each of several."""
+    import os
+    return cfg["output"] if len(method_names(cfg)) == 1 else os.path.join(cfg["output"], "methods", name)

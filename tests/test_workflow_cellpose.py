@@ -51,7 +51,9 @@ def test_predictions_store_of_the_other_kind_is_refused(tmp_path):
                            "predictions": str(tmp_path / "flows.ome.zarr")})
     with pytest.raises(InputError, match="flows.ome.zarr.*holds Cellpose flows.*'ais' reads micro-sam decoder maps"):
         make_plan(cfg)
-    assert make_plan(dict(cfg, method="cellpose_sam"))["fields"][0]["predictions"].endswith("flows.ome.zarr/A/1/0")
+    f = make_plan(dict(cfg, method="cellpose_sam"))["fields"][0]
+    assert f["predictions"].endswith("flows.ome.zarr/A/1/0")
+    assert f["labels_by_method"] == {"cellpose_sam": f["labels"]} and f["labels"].endswith("A/1/0/labels/sam")
 
 
 @pytest.mark.slow  # end-to-end through Snakemake
@@ -121,3 +123,22 @@ def test_real_plate_from_oracle_flows(real_plate, tmp_path):
     assert len(scores) == 2
     # measured: 0.953 and 0.957 (cellpose's dynamics drop boundary pixels whose end points miss the seeds)
     assert np.mean(scores) >= 0.95, scores
+
+
+@pytest.mark.slow  # the tiny network on 16 crops on CPU (~10 s)
+def test_tiny_cellpose_on_a_volume(tmp_path):
+    """Volumes: Cellpose-SAM per slice x tile crop (network + masks), then the existing yx stitch and 3D merge."""
+    from pipeline_lib.io.synthetic_volume import write_synthetic_volume
+    from pipeline_lib.models.cellpose import write_tiny_cellpose
+    from pipeline_lib.testing.volume import run_volume_steps
+    write_synthetic_volume(tmp_path / "vol.ome.zarr", shape=(4, 64, 60), block=(4, 64, 60), chunk=32,
+                           channel_axis=False)
+    cp = {"model": write_tiny_cellpose(tmp_path / "m"), "cellprob_threshold": -100.0, "flow_threshold": 0.0,
+          "niter": 20, "halo": 16}
+    s = run_volume_steps({"input": str(tmp_path / "vol.ome.zarr"), "output": str(tmp_path / "out"),
+                          "method": "cellpose_sam", "cellpose": cp, "model": {"device": "cpu"},
+                          "tiling": {"tile": 48, "halo": 8}, "volume": {"z_block": 2}, "labels": {"name": "cp"}})
+    assert s["method"] == "cellpose_sam" and s["block_status_counts"].get("failed") is None
+    assert s["grid"]["n_tiles"] == 4 and s["grid"]["n_slabs"] == 2
+    lab = np.asarray(zarr.open_array(str(tmp_path / "vol.ome.zarr/labels/cp/s0"), mode="r"))
+    assert lab.shape == (4, 64, 60) and s["n_objects"] == len(np.unique(lab[lab > 0])) > 0

@@ -9,7 +9,7 @@ from ..io.locks import acquire_all, release_all, run_id
 from ..io.ome_zarr import (InputError, Plane2D, StoreLayout, check_chunks, describe_store, mirror_plate, open_field,
                            open_group, write_json_atomic)
 from ..io.volume import is_volume
-from ..methods import STORE_KIND_KEY, STORE_KINDS, get_method
+from ..methods import STORE_KIND_KEY, STORE_KINDS, get_method, method_label_name, method_names
 from .volume_plan import create_volume_stores, make_volume_plan
 
 
@@ -95,6 +95,8 @@ def make_plan(cfg: dict[str, Any], layout: StoreLayout | None = None) -> dict[st
         entry = dict(ref.to_dict(), key=ref.key, image=_join(root, ref.path),
                      predictions=_join(pred_root, ref.path) if pred_root else None, labels=_join(lab_root, ref.path, "labels",
                                                                           cfg["labels"]["name"]))
+        entry["labels_by_method"] = {m: _join(lab_root, ref.path, "labels", method_label_name(cfg, m))
+                                     for m in method_names(cfg)}  # for the comparison of methods
         try:
             check_field(cfg, root, entry)
         except InputError as e:

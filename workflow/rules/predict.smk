@@ -1,4 +1,5 @@
-# GPU step: encoder + decoder over the tiles of a batch of fields; writes predictions.ome.zarr chunks.
+# GPU step: the method's network over the tiles of a batch of fields (SAM encoder + decoder for AIS, cellpose's
+# network for cellpose_sam); writes predictions.ome.zarr chunks. The step: methods.py `predict`.
 rule predict:
     input:
         plan=f"{OUT}/plan.json",

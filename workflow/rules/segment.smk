@@ -1,4 +1,5 @@
-# CPU step: AIS on the stitched maps, labels written into labels/<name> of each field.
+# CPU step: the method's instance step (AIS watershed, Cellpose flows -> masks) on the stitched predictions,
+# labels written into labels/<name> of each field.
 rule segment:
     input:
         unpack(segment_inputs),
