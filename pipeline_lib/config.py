@@ -103,7 +103,10 @@ def resolve_method(cfg: dict[str, Any], source: str = "config") -> str:
             readers = ", ".join(f"'{m.name}'" for m in METHODS.values() if m.store)
             raise ConfigError(f"{source}: method '{method}' does not use a predictions store, so `predictions` "
                               f"has no effect with it. Drop `predictions`, or use method {readers}.")
-        return "ais" if method == "auto" else method
+        if method == "auto":  # a store of Cellpose flows is read by cellpose_sam, SAM maps by ais
+            from .steps.plan import predictions_kind
+            return "cellpose_sam" if predictions_kind(cfg["predictions"]) == "flows" else "ais"
+        return method
     if method != "auto":
         return method
     if published is not None and published.decoder is None:

@@ -51,7 +51,10 @@ def test_predictions_store_of_the_other_kind_is_refused(tmp_path):
                            "predictions": str(tmp_path / "flows.ome.zarr")})
     with pytest.raises(InputError, match="flows.ome.zarr.*holds Cellpose flows.*'ais' reads micro-sam decoder maps"):
         make_plan(cfg)
-    f = make_plan(dict(cfg, method="cellpose_sam"))["fields"][0]
+    auto = validate_config({"input": str(plate), "output": str(tmp_path / "o"),
+                            "predictions": str(tmp_path / "flows.ome.zarr")})
+    assert auto["method"] == "cellpose_sam"  # auto reads the store's kind
+    f = make_plan(auto)["fields"][0]
     assert f["predictions"].endswith("flows.ome.zarr/A/1/0")
     assert f["labels_by_method"] == {"cellpose_sam": f["labels"]} and f["labels"].endswith("A/1/0/labels/sam")
 
@@ -87,12 +90,16 @@ def test_tiny_cellpose_model_end_to_end_and_rerun_from_flows(tmp_path):
     assert np.abs(np.asarray(field["0"], np.float32)).max() > 0
     lab = _labels(plate / "A/1/0", "cp")
     assert lab.max() > 0 and len(np.unique(lab)) == lab.max() + 1  # consecutive ids
-    # the mask step re-runs from the flows store without the model (no predict job, model skipped)
-    run_workflow(dict(cfg, output=str(tmp_path / "out2"), predictions=str(out / "predictions.ome.zarr"),
-                      labels={"name": "cp_again"}, cellpose=dict(cp, model="/nonexistent/never/loaded")),
-                 tmp_path / "b")
-    assert json.loads((tmp_path / "out2" / "model.json").read_text())["skipped"] is True
-    assert not (tmp_path / "out2" / "jobs" / "predict").exists()
+    # the mask step re-runs from the flows store without the model (the rules' functions, in process)
+    from pipeline_lib.steps.model import resolve_model
+    from pipeline_lib.steps.plan import write_plan
+    from pipeline_lib.steps.segment import run_segment_batch
+    again = validate_config(dict(cfg, output=str(tmp_path / "out2"), predictions=str(out / "predictions.ome.zarr"),
+                                 labels={"name": "cp_again"}, cellpose=dict(cp, model="/nonexistent/never/loaded")))
+    assert resolve_model(again)["skipped"] is True and not get_method(again).uses_model(again)
+    plan = write_plan(again, str(tmp_path / "out2" / "plan.json"))
+    res = run_segment_batch(again, plan, "b0000", None, str(tmp_path / "out2" / "segment.json"))
+    assert res["fields"]["A_1_0"]["n_objects"] == lab.max()
     assert np.array_equal(lab, _labels(plate / "A/1/0", "cp_again"))
 
 
