@@ -149,3 +149,12 @@ def test_tiny_cellpose_on_a_volume(tmp_path):
     assert s["grid"]["n_tiles"] == 4 and s["grid"]["n_slabs"] == 2
     lab = np.asarray(zarr.open_array(str(tmp_path / "vol.ome.zarr/labels/cp/s0"), mode="r"))
     assert lab.shape == (4, 64, 60) and s["n_objects"] == len(np.unique(lab[lab > 0])) > 0
+
+
+def test_validate_checks_the_cellpose_model_not_the_sam_one(tmp_path):
+    from pipeline_lib.config import check_runnable
+    base = {"input": str(tmp_path), "output": str(tmp_path / "o"), "method": "cellpose_sam",
+            "model": {"name": "no_such_sam"}}
+    problems = check_runnable(validate_config(dict(base, cellpose={"model": str(tmp_path / "missing.pt")})))
+    assert len(problems) == 1 and "cellpose.model" in problems[0] and "missing.pt" in problems[0]
+    assert check_runnable(validate_config(base)) == []  # cpsam_v2: published, the SAM model is not used
