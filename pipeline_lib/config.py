@@ -56,8 +56,25 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
         raise ConfigError(f"{source}: tiling.halo ({h}) is larger than tiling.tile ({t}): each tile would encode "
                           f"{((t + 2 * h) / t) ** 2:.0f}x its own pixels. Use a halo of at most the tile size "
                           "(typically tile/8 to tile/4), or a larger tile.")
+    if isinstance(cfg["method"], list) and len(cfg["method"]) == 1:
+        cfg["method"] = cfg["method"][0]
+    if isinstance(cfg["method"], list):
+        _check_method_list(cfg, source)
+        return cfg
     cfg["method"] = resolve_method(cfg, source)
     return cfg
+
+
+def _check_method_list(cfg: dict[str, Any], source: str) -> None:
+    """Several methods side by side: each must be able to run, on the same input."""
+    if cfg.get("predictions"):
+        raise ConfigError(f"{source}: `predictions` holds one method's maps; with several methods "
+                          f"({', '.join(cfg['method'])}) drop it, or run that method alone.")
+    if cfg["ingest"].get("source"):
+        raise ConfigError(f"{source}: with several methods, convert the files first (one run with "
+                          "ingest.source and one method), then give the plate as `input`.")
+    for m in cfg["method"]:
+        resolve_method(dict(cfg, method=m), source)
 
 
 def check_runnable(cfg: dict[str, Any], source: str = "config") -> list[str]:

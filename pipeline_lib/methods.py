@@ -128,8 +128,8 @@ def method_sections(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: cfg[k] for k in get_method(cfg).sections}
 
 
-# Several methods side by side (issue 14 section 3; the workflow runs one method per run so far): the layout
-# they will use, so that the plan and the comparison step already name each method's outputs.
+# Several methods side by side (``method: [apg, ais]``): workflow/rules/methods.smk runs this workflow once
+# per method, as a Snakemake module with :func:`method_config`.
 def method_names(cfg: dict[str, Any]) -> list[str]:
     """The configured method(s), in order."""
     m = cfg["method"]
@@ -146,3 +146,27 @@ def method_output(cfg: dict[str, Any], name: str) -> str:
     """``<output>`` for one method, ``<output>/methods/<method>`` (its tables and metrics) for each of several."""
     import os
     return cfg["output"] if len(method_names(cfg)) == 1 else os.path.join(cfg["output"], "methods", name)
+
+
+def method_config(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    """The config of one method of several: that method, its label name and its output folder."""
+    import copy
+    if len(method_names(cfg)) == 1:
+        return cfg
+    out = copy.deepcopy(cfg)
+    out.update(method=name, output=method_output(cfg, name),
+               labels=dict(cfg["labels"], name=method_label_name(cfg, name)))
+    return out
+
+
+def methods_index(cfg: dict[str, Any], plans: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``<output>/methods.json``: the methods, their output folders, and per field the label image of
+    each method (``labels_by_method``), from the plans of the methods' runs."""
+    fields: dict[str, dict[str, Any]] = {}
+    for name, plan in plans.items():
+        for f in plan.get("fields", []):  # a volume's plan has no fields: its label image is in its summary
+            entry = fields.setdefault(f["key"], {k: f.get(k) for k in ("key", "path", "image", "plate", "well",
+                                                                           "row", "column", "field")})
+            entry.setdefault("labels_by_method", {}).update(f.get("labels_by_method") or {name: f["labels"]})
+    return {"methods": list(plans), "outputs": {m: method_output(cfg, m) for m in plans},
+            "fields": list(fields.values())}

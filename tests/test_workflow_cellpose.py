@@ -158,3 +158,33 @@ def test_validate_checks_the_cellpose_model_not_the_sam_one(tmp_path):
     problems = check_runnable(validate_config(dict(base, cellpose={"model": str(tmp_path / "missing.pt")})))
     assert len(problems) == 1 and "cellpose.model" in problems[0] and "missing.pt" in problems[0]
     assert check_runnable(validate_config(base)) == []  # cpsam_v2: published, the SAM model is not used
+
+
+@pytest.mark.slow  # end-to-end through Snakemake: two methods, tiny models
+def test_two_methods_side_by_side(tiny_model, tmp_path):
+    """method: [ais, cellpose_sam] runs both (one module of the workflow per method): labels/<name>_<method>,
+    each method's outputs under <output>/methods/<method>/, and methods.json with each field's label images."""
+    from pipeline_lib.models.cellpose import write_tiny_cellpose
+    plate = tmp_path / "p.ome.zarr"
+    write_synthetic_plate(plate, rows="A", columns=[1], fields=1, shape=(96, 120), nuclei=6)
+    cfg = {"input": str(plate), "output": str(tmp_path / "out"), "method": ["ais", "cellpose_sam"],
+           "model": {"checkpoint": tiny_model["checkpoint"], "decoder": tiny_model["decoder"], "device": "cpu"},
+           "ais": {"foreground_threshold": 0.0, "center_distance_threshold": 1.0, "boundary_distance_threshold": 1.0},
+           "cellpose": {"model": write_tiny_cellpose(tmp_path / "cp"), "cellprob_threshold": -100.0,
+                        "flow_threshold": 0.0, "niter": 20},
+           "tiling": {"tile": 128, "halo": 16}, "ground_truth": "nuclei_gt"}
+    run_workflow(cfg, tmp_path / "wd")
+    out = tmp_path / "out"
+    index = json.loads((out / "methods.json").read_text())
+    assert index["methods"] == ["ais", "cellpose_sam"] and len(index["fields"]) == 1
+    by_method = index["fields"][0]["labels_by_method"]
+    assert by_method == {m: f"{plate}/A/1/0/labels/sam_{m}" for m in ("ais", "cellpose_sam")}
+    for m in ("ais", "cellpose_sam"):
+        summary = json.loads((out / "methods" / m / "summary.json").read_text())
+        assert summary["method"] == m and (out / "methods" / m / "metrics.csv").exists()
+        assert (out / "methods" / m / "report.html").exists()
+        assert _labels(by_method[m]).shape == (96, 120)
+    assert json.loads((out / "methods" / "cellpose_sam" / "model.json").read_text())["name"] == "cpsam_tiny"
+    with pytest.raises(Exception, match="predictions"):
+        validate_config(dict(cfg, predictions=str(tmp_path)))
+    assert validate_config(dict(cfg, method=["ais"]))["method"] == "ais"  # a list of one: today's layout
