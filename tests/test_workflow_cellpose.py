@@ -1,5 +1,6 @@
 """method cellpose_sam through the workflow (the method registry, flows stores, tiny model and oracle flows)."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -21,7 +22,8 @@ def _labels(path, name=None):
 
 def test_registry_matches_schema_and_its_steps_exist():
     schema = load_schema()["properties"]
-    assert set(schema["method"]["enum"]) == set(METHODS) | {"auto"}
+    one, many = schema["method"]["oneOf"]
+    assert set(one["enum"]) == set(METHODS) | {"auto"} and set(many["items"]["enum"]) == set(METHODS)
     for m in METHODS.values():
         assert m.chain in ("predict_segment", "prompt_segment") and m.network in NETWORK_SECTIONS
         assert all(s in schema for s in m.sections + NETWORK_SECTIONS[m.network])
@@ -29,6 +31,9 @@ def test_registry_matches_schema_and_its_steps_exist():
         for kind in ("segment", "instances") + (("predict",) if m.chain == "predict_segment" else ()):
             assert callable(m.step(kind)), (m.name, kind)
         assert m.resolved_params(validate_config({"input": "x", "output": "y", "method": m.name})) is not None
+    from conftest import REPO
+    smk = (REPO / "workflow" / "rules" / "methods.smk").read_text()
+    assert all(f"module {m}:" in smk and f"use rule * from {m} exclude all as {m}_*" in smk for m in METHODS)
     cp = get_method("cellpose_sam")
     cfg = validate_config({"input": "x", "output": "y", "method": "cellpose_sam"})
     assert cp.uses_model(cfg) and not cp.needs_decoder(cfg)
@@ -185,6 +190,20 @@ def test_two_methods_side_by_side(tiny_model, tmp_path):
         assert (out / "methods" / m / "report.html").exists()
         assert _labels(by_method[m]).shape == (96, 120)
     assert json.loads((out / "methods" / "cellpose_sam" / "model.json").read_text())["name"] == "cpsam_tiny"
+    # a profile's per-rule resources (e.g. the slurm GPU partition) reach each method's copy of the rule
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import REPO
+    (tmp_path / "dry.yaml").write_text(yaml.safe_dump(dict(cfg, output=str(tmp_path / "dry"))))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+                           str(tmp_path), "--configfile", str(tmp_path / "dry.yaml"), "--cores", "1", "--dry-run",
+                           "--set-resources", "model:mem_mb=12345"], capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    for m in ("ais", "cellpose_sam"):
+        res = re.search(rf"rule {m}_model:\n(?:(?!\s*resources:).*\n)*\s*resources: ([^\n]*)", text)
+        assert res and "mem_mb=12345" in res.group(1), text[-3000:]
     with pytest.raises(Exception, match="predictions"):
         validate_config(dict(cfg, predictions=str(tmp_path)))
     assert validate_config(dict(cfg, method=["ais"]))["method"] == "ais"  # a list of one: today's layout

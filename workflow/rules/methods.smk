@@ -16,6 +16,22 @@ MULTI_METHODS = method_names(CFG)
 MULTI_VOLUME = input_is_volume(CFG["input"])
 
 
+def _per_method_resources():
+    """The profile's (or --set-resources/--set-threads) per-rule settings apply to each method's copy of the
+    rule too (`predict` -> `ais_predict`, ...), so the GPU partition of the slurm profile still applies. Uses
+    Snakemake's parsed settings (9.x); skipped where they are not there."""
+    settings = workflow.resource_settings
+    for attr in ("_parsed_overwrite_resources", "_parsed_overwrite_threads"):
+        table = getattr(settings, attr, None)
+        if isinstance(table, dict):
+            for rule, value in list(table.items()):
+                for m in MULTI_METHODS:
+                    table.setdefault(f"{m}_{rule}", value)
+
+
+_per_method_resources()
+
+
 def method_targets(name):
     out = method_output(CFG, name)
     return [f"{out}/summary.json"] + ([] if MULTI_VOLUME else [f"{out}/report.html", f"{out}/jobs/complete.json"])
