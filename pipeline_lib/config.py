@@ -60,21 +60,46 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
     if fh > fb:
         raise ConfigError(f"{source}: tiling.field_halo ({fh}) is larger than tiling.field_block ({fb}): a block's "
                           "halo may only reach its direct neighbours. Lower the halo or raise the block.")
+    if isinstance(cfg["method"], list) and len(cfg["method"]) == 1:
+        cfg["method"] = cfg["method"][0]
+    if isinstance(cfg["method"], list):
+        _check_method_list(cfg, source)
+        return cfg
     cfg["method"] = resolve_method(cfg, source)
     return cfg
+
+
+def _check_method_list(cfg: dict[str, Any], source: str) -> None:
+    """Several methods side by side: each must be able to run, on the same input."""
+    if cfg.get("predictions"):
+        raise ConfigError(f"{source}: `predictions` holds one method's maps; with several methods "
+                          f"({', '.join(cfg['method'])}) drop it, or run that method alone.")
+    if cfg["ingest"].get("source"):
+        raise ConfigError(f"{source}: with several methods, convert the files first (one run with "
+                          "ingest.source and one method), then give the plate as `input`.")
+    for m in cfg["method"]:
+        resolve_method(dict(cfg, method=m), source)
 
 
 def check_runnable(cfg: dict[str, Any], source: str = "config") -> list[str]:
     """What ``python -m pipeline_lib validate`` checks beyond the schema, without running anything: the
     model name, and that the input (or ingest.source) and ``predictions`` exist. Returns the problems."""
+    from .methods import get_method
     from .models.registry import MODELS
     problems = []
     model = cfg["model"]
-    if not cfg.get("predictions") and not model.get("checkpoint") and model["name"] not in MODELS:
+    sam = get_method(cfg).network == "sam"
+    if get_method(cfg).network == "cellpose" and not cfg.get("predictions"):
+        from .models.cellpose import PUBLISHED
+        m = cfg["cellpose"]["model"]
+        if m not in PUBLISHED and not os.path.isfile(m):
+            problems.append(f"cellpose.model: '{m}' is neither a published name ({', '.join(PUBLISHED)}) nor an "
+                            "existing file.")
+    if sam and not cfg.get("predictions") and not model.get("checkpoint") and model["name"] not in MODELS:
         problems.append(f"model.name: unknown model '{model['name']}'. Valid names: {', '.join(sorted(MODELS))}; "
                         "or give model.checkpoint (and model.decoder).")
     for key in ("checkpoint", "decoder"):
-        if not cfg.get("predictions") and model.get(key) and not os.path.exists(model[key]):
+        if sam and not cfg.get("predictions") and model.get(key) and not os.path.exists(model[key]):
             problems.append(f"model.{key}: '{model[key]}' does not exist.")
     if cfg["ingest"].get("source"):
         if not os.path.isdir(cfg["ingest"]["source"]):
@@ -90,14 +115,19 @@ def check_runnable(cfg: dict[str, Any], source: str = "config") -> list[str]:
 def resolve_method(cfg: dict[str, Any], source: str = "config") -> str:
     """The concrete method for ``method: auto`` (and a check that the choice can run at all)."""
     from .models.registry import MODELS
+    from .methods import METHODS
     method = cfg["method"]
     model = cfg["model"]
     published = None if model.get("checkpoint") else MODELS.get(model["name"])
     if cfg.get("predictions"):
-        if method == "amg":
-            raise ConfigError(f"{source}: method 'amg' does not use decoder maps, so `predictions` has no "
-                              "effect with it. Drop `predictions`, or use method 'apg' or 'ais'.")
-        return "ais" if method == "auto" else method
+        if method != "auto" and METHODS[method].store is None:
+            readers = ", ".join(f"'{m.name}'" for m in METHODS.values() if m.store)
+            raise ConfigError(f"{source}: method '{method}' does not use a predictions store, so `predictions` "
+                              f"has no effect with it. Drop `predictions`, or use method {readers}.")
+        if method == "auto":  # a store of Cellpose flows is read by cellpose_sam, SAM maps by ais
+            from .steps.plan import predictions_kind
+            return "cellpose_sam" if predictions_kind(cfg["predictions"]) == "flows" else "ais"
+        return method
     if method != "auto":
         return method
     if published is not None and published.decoder is None:
@@ -146,6 +176,14 @@ def ais_params(cfg: dict[str, Any]):
         else d["boundary_distance_threshold"],
         foreground_threshold=a["foreground_threshold"], foreground_smoothing=a["foreground_smoothing"],
         distance_smoothing=a["distance_smoothing"], min_size=a["min_size"], keep_unseeded=a["keep_unseeded"])
+
+
+def cellpose_params(cfg: dict[str, Any]):
+    """FlowParams of cellpose's flows -> masks step from the ``cellpose`` section."""
+    from .instances.flows import FlowParams
+    c = cfg["cellpose"]
+    return FlowParams(c["cellprob_threshold"], c["flow_threshold"], c["niter"], c["min_size"],
+                      c["max_size_fraction"], c["diameter"])
 
 
 def merge3d_params(cfg: dict[str, Any]):

@@ -43,10 +43,10 @@ def method_params(cfg: dict[str, Any]) -> dict[str, Any]:
     """The config sections that decide the objects of the chosen method, and the thresholds in effect."""
     import dataclasses
 
-    from .config import ais_params, amg_params, apg_params
-    keys = {"ais": ["ais"], "apg": ["apg", "encoder"], "amg": ["amg", "encoder"]}[cfg["method"]]
-    resolved = {"ais": ais_params, "apg": apg_params, "amg": amg_params}[cfg["method"]](cfg)
-    return {**{k: cfg[k] for k in keys + ["tiling", "channel"]}, "resolved": dataclasses.asdict(resolved)}
+    from .methods import get_method
+    spec = get_method(cfg)
+    resolved = spec.resolved_params(cfg)
+    return {**{k: cfg[k] for k in [*spec.sections, "tiling", "channel"]}, "resolved": dataclasses.asdict(resolved)}
 
 
 def provenance(cfg: dict[str, Any], model_info: dict[str, Any], configfiles: list[str] | None = None

@@ -35,3 +35,42 @@ def masks_blockwise(flows: Any, out: Any, params: FlowParams, block: int = 1024,
     array-like (Y, X)), ``block`` x ``block`` at a time with ``halo`` (>= the largest object diameter)."""
     return flows_blockwise(flows, out, lambda f: cellpose_masks(f, params, device), block, halo, scratch,
                            match_threshold)
+
+
+def label_flows(labels: np.ndarray, cellprob: float = 10.0) -> np.ndarray:
+    """(3, Y, X) float32 oracle flows of a 2D label image: cellpose's ``masks_to_flows`` (its training
+    targets) scaled as its network outputs them (``instances.flows.oracle_flows``)."""
+    from cellpose import dynamics
+
+    from ..instances.flows import oracle_flows
+    lab = np.asarray(labels).astype(np.int64)
+    if not lab.any():
+        return oracle_flows(lab, np.zeros((2,) + lab.shape, np.float32), cellprob)
+    mu, _ = dynamics.masks_to_flows_gpu(lab, device=torch.device("cpu"))
+    return oracle_flows(lab, mu, cellprob)
+
+
+def write_oracle_flows(input_store: str, label_name: str, out_store: str, chunk: int = 512) -> int:
+    """A predictions store of kind ``flows`` (as method cellpose_sam writes it) computed from
+    ``labels/<label_name>`` of every field, marked as oracle flows; returns the number of fields."""
+    import zarr
+
+    from ..io.ome_zarr import create_predictions_image, describe_store, mirror_plate, open_field
+    from ..steps.model import mark_predictions_source
+    from ..steps.plan import mark_predictions_kind
+    layout = describe_store(input_store)
+    mirror_plate(layout, out_store)
+    for ref in layout.fields:
+        img = open_field(input_store, ref)
+        data = np.asarray(open_field(img.path, f"labels/{label_name}").level(0))
+        data = data.reshape(data.shape[-2:])
+        path = f"{out_store}/{ref.path}" if ref.path else out_store
+        group = zarr.open_group(path, mode="a", zarr_format=layout.zarr_format)
+        arr = create_predictions_image(group, data.shape, (chunk, chunk), layout.version, "flows")
+        arr[:] = label_flows(data).astype(np.float16)
+    mark_predictions_kind(out_store, "flows")
+    mark_predictions_source(out_store, {
+        "kind": "oracle", "labels": label_name,
+        "description": f"Cellpose flows computed from the labels/{label_name} (cellpose's masks_to_flows), not "
+                       "predicted by a model"})
+    return len(layout.fields)

@@ -68,4 +68,5 @@ def write_oracle_predictions(input_store: str, label_name: str, out_store: str, 
         group = zarr.open_group(path, mode="a", zarr_format=layout.zarr_format)
         arr = create_predictions_image(group, data.shape, (chunk, chunk), layout.version)
         arr[:] = oracle_maps(data).astype(np.float16)
+    zarr.open_group(out_store, mode="a").attrs["pipeline_lib_predictions_kind"] = "sam_maps"  # methods.STORE_KIND_KEY
     return len(layout.fields)

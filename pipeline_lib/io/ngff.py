@@ -349,9 +349,10 @@ def _add_label_name(image_group: zarr.Group, name: str, version: str) -> None:
 
 
 def create_predictions_image(group: zarr.Group, shape_yx: Sequence[int], chunks_yx: Sequence[int],
-                             version: str) -> zarr.Array:
-    """A 3-channel float16 NGFF image (c, y, x) for the decoder maps, metadata included."""
-    return _maps_image(group, tuple(shape_yx), tuple(chunks_yx), "yx", version)
+                             version: str, kind: str = "sam_maps") -> zarr.Array:
+    """A 3-channel float16 NGFF image (c, y, x) for the decoder maps (``kind`` sam_maps) or Cellpose's flows
+    (``kind`` flows: dY, dX, cellprob), metadata included."""
+    return _maps_image(group, tuple(shape_yx), tuple(chunks_yx), "yx", version, kind)
 
 
 def create_volume_maps(group: zarr.Group, shape_zyx: Sequence[int], chunks_yx: Sequence[int],
@@ -361,13 +362,16 @@ def create_volume_maps(group: zarr.Group, shape_zyx: Sequence[int], chunks_yx: S
 
 
 MAP_CHANNELS = (("foreground", "00FF00"), ("center_distance", "FF00FF"), ("boundary_distance", "00FFFF"))
+FLOW_CHANNELS = (("dY", "FF0000"), ("dX", "0000FF"), ("cellprob", "FFFF00"))
 
 
-def _maps_image(group: zarr.Group, shape: tuple, chunks: tuple, spatial: str, version: str) -> zarr.Array:
+def _maps_image(group: zarr.Group, shape: tuple, chunks: tuple, spatial: str, version: str,
+                kind: str = "sam_maps") -> zarr.Array:
     axes = "c" + spatial
+    channels, name = (FLOW_CHANNELS, "cellpose_flows") if kind == "flows" else (MAP_CHANNELS, "sam_decoder_maps")
     (arr,) = create_levels(group, ["0"], [(3, *shape)], [(3, *chunks)], "float16", axes, overwrite=True)
-    omero = omero_meta([n for n, _ in MAP_CHANNELS], [c for _, c in MAP_CHANNELS], [dtype_window("float16")] * 3)
-    write_image(group, version, axes_meta(axes), datasets_meta(["0"], [[1.0] * len(axes)]), "sam_decoder_maps",
+    omero = omero_meta([n for n, _ in channels], [c for _, c in channels], [dtype_window("float16")] * 3)
+    write_image(group, version, axes_meta(axes), datasets_meta(["0"], [[1.0] * len(axes)]), name,
                 omero=omero)
     return arr
 

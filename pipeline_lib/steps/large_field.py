@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from ..embed.predict import FieldTask, embed_prepared, field_value_range, prepare_field
 from ..io.ome_zarr import Plane2D, Plane2DView, create_predictions_image, open_field, read_region
+from ..methods import get_method
 from ..stitch.blockwise import block_grid_2d, segment_blockwise
 from .segment import _label_group, _tmp_root, finish_labels, label_table
 
@@ -49,8 +50,9 @@ def segment_large_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, 
     plane = Plane2D(img, img.channel_index(cfg["channel"]))
     shape = tuple(plane.shape)
     tile, halo = cfg["tiling"]["tile"], cfg["tiling"]["halo"]
-    run_decoder = cfg["method"] == "apg" and not cfg["predictions"]
-    read_maps = cfg["method"] == "apg" and not run_decoder
+    spec = get_method(cfg)
+    run_decoder = spec.needs_decoder(cfg)
+    read_maps = spec.store is not None and not run_decoder  # e.g. APG on given maps
     vr = field_value_range(plane) if cfg["encoder"]["normalization"] == "field" else None
     maps_out = None
     if run_decoder:

@@ -41,11 +41,21 @@ def resolve_model(cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]:
 
 
 def _resolve_model(cfg: dict[str, Any], progress: bool) -> dict[str, Any]:
-    method = cfg["method"]
-    if cfg.get("predictions") and method == "ais":
+    from ..methods import get_method
+    spec = get_method(cfg)
+    method = spec.name
+    if not spec.uses_model(cfg):
         return {"skipped": True, "reason": f"predictions given: {cfg['predictions']}"}
+    if spec.network == "cellpose":
+        try:
+            import cellpose  # noqa: F401
+        except ImportError as e:
+            raise ModelLoadError(f"method '{method}' needs cellpose 4.2 ({e}): install the cellpose extra, "
+                                 "pip install -e '.[cellpose]' (or pip install 'cellpose>=4.2,<4.3').") from e
+        from ..models.cellpose import resolve_cellpose
+        return resolve_cellpose(cfg["cellpose"]["model"], cfg["cellpose"]["cache_dir"], progress=progress)
     m = cfg["model"]
-    needs_decoder = method == "ais" or (method == "apg" and not cfg.get("predictions"))
+    needs_decoder = spec.needs_decoder(cfg)
     if m.get("checkpoint"):
         ckpt = m["checkpoint"]
         if not os.path.isfile(ckpt):

@@ -9,6 +9,7 @@ from ..io.locks import acquire_all, release_all, run_id
 from ..io.ome_zarr import (InputError, Plane2D, StoreLayout, check_chunks, describe_store, mirror_plate, open_field,
                            open_group, write_json_atomic)
 from ..io.volume import is_volume
+from ..methods import STORE_KIND_KEY, STORE_KINDS, get_method, method_label_name, method_names
 from .volume_plan import create_volume_stores, make_volume_plan
 
 
@@ -22,6 +23,32 @@ def labels_root(cfg: dict[str, Any]) -> str:
 
 def _join(root: str, rel: str, *parts: str) -> str:
     return os.path.join(root, rel, *parts) if rel else os.path.join(root, *parts)
+
+
+def mark_predictions_kind(store: str, kind: str) -> None:
+    """Record in a predictions store's root which kind of maps it holds (``methods.STORE_KINDS``)."""
+    import zarr
+    zarr.open_group(store, mode="a").attrs[STORE_KIND_KEY] = kind
+
+
+def predictions_kind(store: str) -> str | None:
+    """The kind recorded by :func:`mark_predictions_kind`; None for stores written without it."""
+    import zarr
+    try:
+        return zarr.open_group(store, mode="r").attrs.get(STORE_KIND_KEY)
+    except (OSError, ValueError, KeyError, zarr.errors.BaseZarrError):
+        return None
+
+
+def check_predictions_kind(cfg: dict[str, Any]) -> None:
+    """A given ``predictions`` store must hold the kind of maps the method reads (SAM maps vs flows)."""
+    if not cfg.get("predictions"):
+        return
+    want, have = get_method(cfg).store, predictions_kind(cfg["predictions"])
+    if have is not None and have != want:
+        raise InputError(f"predictions: '{cfg['predictions']}' holds {STORE_KINDS.get(have, have)}, but method "
+                         f"'{cfg['method']}' reads {STORE_KINDS.get(want, want)}. Point `predictions` at a store "
+                         "written by that method, or change `method`.")
 
 
 def check_field(cfg: dict[str, Any], root: str, entry: dict[str, Any]) -> None:
@@ -57,16 +84,19 @@ def make_plan(cfg: dict[str, Any], layout: StoreLayout | None = None) -> dict[st
     """The job plan: fields with their image, predictions and labels paths, and batches of field indices."""
     layout = layout or describe_store(cfg["input"])
     root = os.path.abspath(cfg["input"])
-    pred_root = None if cfg["method"] == "amg" else predictions_root(cfg)  # AMG has no decoder maps
+    pred_root = predictions_root(cfg) if get_method(cfg).store else None  # e.g. AMG has no decoder maps
     lab_root = labels_root(cfg)
     if cfg.get("predictions") and not os.path.exists(cfg["predictions"]):
         raise InputError(f"predictions: '{cfg['predictions']}' does not exist. Point it at "
                          "<output>/predictions.ome.zarr of an earlier run, or remove the key to run the model.")
+    check_predictions_kind(cfg)
     fields, errors = [], []
     for ref in layout.fields:
         entry = dict(ref.to_dict(), key=ref.key, image=_join(root, ref.path),
                      predictions=_join(pred_root, ref.path) if pred_root else None, labels=_join(lab_root, ref.path, "labels",
                                                                           cfg["labels"]["name"]))
+        entry["labels_by_method"] = {m: _join(lab_root, ref.path, "labels", method_label_name(cfg, m))
+                                     for m in method_names(cfg)}  # for the comparison of methods
         try:
             check_field(cfg, root, entry)
         except InputError as e:
@@ -130,6 +160,7 @@ def write_plan(cfg: dict[str, Any], path: str) -> dict[str, Any]:
     lock_labels(cfg, plan)
     if plan["predictions_root"] and not cfg.get("predictions"):
         mirror_plate(layout, plan["predictions_root"])
+        mark_predictions_kind(plan["predictions_root"], get_method(cfg).store)
     if cfg["labels"]["store"]:  # a valid plate of placeholder images, the labels under them (io/ngff.py)
         mirror_plate(layout, plan["labels_root"], placeholders=True)
     write_json_atomic(path, plan)

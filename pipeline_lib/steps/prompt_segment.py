@@ -28,6 +28,7 @@ from ..embed.prompt_decoder import PromptDecoder, decode_points
 from ..engine.overlap import DeviceClock, StageTimes, run_pipeline, timing_line
 from ..engine.runner import UNIT_ERRORS, debug, describe, failed, log_failure, run_units
 from ..instances.apg import amg_segment, apg_segment
+from ..methods import get_method
 from .large_field import is_large, segment_large_field
 from .model import load_resolved
 from .plan import recheck_field
@@ -55,13 +56,24 @@ def _timed(fn: Callable, clock: DeviceClock | None) -> Callable:
 
 def prompt_labels(cfg: dict[str, Any], decoder: PromptDecoder, blocks: list, emb, maps: np.ndarray | None,
                   shape: tuple[int, int], tile: int, clock: DeviceClock | None = None) -> tuple[np.ndarray, dict]:
-    """APG or AMG labels of one 2D image from its tile embeddings (and, for APG, its decoder maps)."""
+    """Labels of one 2D image from its tile embeddings (and, for APG, its decoder maps), by the configured
+    prompt method's instance step (``methods.Method.instances``: :func:`apg_labels`, :func:`amg_labels`)."""
     _timed(decoder.set_tiles, clock)(emb)
-    if cfg["method"] == "apg":
-        p = apg_params(cfg)
-        keep = (lambda mb, iou: mb.area > p.min_size)
-        decode = (lambda t, pts: decode_points(decoder, blocks, shape, t, pts, cfg["apg"]["batch_size"], keep=keep))
-        return apg_segment(maps, tile, _timed(decode, clock), p)
+    return get_method(cfg).step("instances")(cfg, decoder, blocks, maps, shape, tile, clock)
+
+
+def apg_labels(cfg: dict[str, Any], decoder: PromptDecoder, blocks: list, maps: np.ndarray,
+               shape: tuple[int, int], tile: int, clock: DeviceClock | None = None) -> tuple[np.ndarray, dict]:
+    """APG: point prompts from the decoder maps, decoded by SAM on the tiles set in ``decoder``."""
+    p = apg_params(cfg)
+    keep = (lambda mb, iou: mb.area > p.min_size)
+    decode = (lambda t, pts: decode_points(decoder, blocks, shape, t, pts, cfg["apg"]["batch_size"], keep=keep))
+    return apg_segment(maps, tile, _timed(decode, clock), p)
+
+
+def amg_labels(cfg: dict[str, Any], decoder: PromptDecoder, blocks: list, maps: None,
+               shape: tuple[int, int], tile: int, clock: DeviceClock | None = None) -> tuple[np.ndarray, dict]:
+    """AMG: a point grid per tile, three masks per point, filtered by predicted IoU and stability."""
     p = amg_params(cfg)
     keep = (lambda mb, iou: (iou > p.pred_iou_threshold) & (mb.stability >= p.stability_score_threshold)
             & (mb.area > 0))
@@ -74,8 +86,9 @@ def field_stages(cfg: dict[str, Any], plan: dict[str, Any], model, decoder: Prom
                  clock: DeviceClock | None = None) -> list[tuple[str, Callable]]:
     """The per-field stages (read, device, prompts, write) over plan field entries; the last returns
     (status info, object table)."""
-    method = cfg["method"]
-    run_decoder = method == "apg" and not cfg["predictions"]
+    spec = get_method(cfg)
+    run_decoder = spec.needs_decoder(cfg)
+    read_given = spec.store is not None and not run_decoder  # e.g. APG on given maps
     tile, halo = cfg["tiling"]["tile"], cfg["tiling"]["halo"]
 
     def timed(name: str, fn: Callable) -> tuple[str, Callable]:
@@ -89,7 +102,7 @@ def field_stages(cfg: dict[str, Any], plan: dict[str, Any], model, decoder: Prom
     def read(f: dict) -> dict:
         f = recheck_field(cfg, plan, f)
         task = field_task(cfg, plan, f, with_predictions=run_decoder)
-        maps = read_maps(f["predictions"]) if method == "apg" and not run_decoder else None
+        maps = read_maps(f["predictions"]) if read_given else None
         return {"f": f, "task": task, "tiles": prepare_field(task, tile, halo), "maps": maps}
 
     def device(st: dict) -> dict:
@@ -127,7 +140,7 @@ def run_prompt_segment_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: s
     """Segment every field of ``batch``; a field that fails is reported by name, the others finish."""
     fields = [plan["fields"][i] for i in plan["batches"][batch]]
     model = load_resolved(model_info, cfg["model"]["device"],
-                          require_decoder=cfg["method"] == "apg" and not cfg["predictions"],
+                          require_decoder=get_method(cfg).needs_decoder(cfg),
                           compile=cfg["encoder"]["compile"])
     decoder = PromptDecoder(model.sam)
     clock, times = DeviceClock(model.device), StageTimes()

@@ -21,6 +21,7 @@ from ..io.ngff import set_label_colors
 from ..io.ome_zarr import (Plane2DView, check_chunks, create_label_image, open_field, read_json,
                            spatial_label_axes, write_json_atomic)
 from ..io.pyramid import build_pyramid
+from ..methods import get_method
 from ..tiling import block_grid
 from .plan import lock_path, recheck_field
 
@@ -83,7 +84,9 @@ def write_field_labels(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, A
 
 
 def segment_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any],
-                  threads: int = 1) -> tuple[dict, pd.DataFrame]:
+                  threads: int = 1) -> tuple[dict, pd.DataFrame | None]:
+    """The method's instance step (``methods.Method.instances``) on one field's predictions; the object
+    table where the step returns areas and centroids (AIS), else None (the measure step makes the tables)."""
     maps = zarr.open_array(os.path.join(f["predictions"], "0"), mode="r")
     check_chunks(maps, os.path.join(f["predictions"], "0"), cfg["missing_chunks"])
     img, group = _label_group(cfg, plan, f)
@@ -97,15 +100,22 @@ def segment_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any],
                                         chunks=(cfg["tiling"]["tile"],) * 2, fill_value=0)
         t0 = time.time()
         n_blocks = len(block_grid(out.shape, cfg["tiling"]["tile"]))
-        bar = stack.enter_context(tqdm(total=2 * n_blocks, desc=f"  AIS {f['key']}", unit="block", leave=False,
-                                       file=sys.stderr, disable=n_blocks < 4))  # progress within a big field
-        res = ais_blockwise(maps, out, ais_params(cfg), block=cfg["tiling"]["tile"], halo=cfg["tiling"]["halo"],
-                            scratch=scratch, progress=lambda name, i: bar.update(), threads=threads)
+        spec = get_method(cfg)
+        bar = stack.enter_context(tqdm(total=2 * n_blocks, desc=f"  {spec.name} {f['key']}", unit="block",
+                                       leave=False, file=sys.stderr, disable=n_blocks < 4))  # within a big field
+        res = spec.step("instances")(cfg, maps, out, scratch, lambda name, i: bar.update(), threads)
     finish_labels(img, group, res["label"])
-    table = label_table(f, res["label"], res["area"], res["centroid"])
+    table = label_table(f, res["label"], res["area"], res["centroid"]) if "area" in res else None
     info = {"status": "ok" if res["n_objects"] else "empty", "n_objects": res["n_objects"],
-            "n_rescued": res["n_rescued"], "seconds": round(time.time() - t0, 3)}
+            **{k: res[k] for k in ("n_rescued",) if k in res}, "seconds": round(time.time() - t0, 3)}
     return info, table
+
+
+def ais_instances(cfg: dict[str, Any], maps: Any, out: Any, scratch: Any, progress: Any,
+                  threads: int = 1) -> dict[str, Any]:
+    """AIS (seeded watershed) of one field's decoder maps into ``out``, in tiling.tile blocks with halo."""
+    return ais_blockwise(maps, out, ais_params(cfg), block=cfg["tiling"]["tile"], halo=cfg["tiling"]["halo"],
+                         scratch=scratch, progress=progress, threads=threads)
 
 
 def run_segment_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, predict_marker: str | None,

@@ -13,12 +13,11 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..config import ais_params
 from ..engine.runner import failed, run_units
-from ..instances.ais import ais_single
 from ..instances.ais3d import ais_stack, z_halo
 from ..io.ome_zarr import read_region, write_atomic, write_json_atomic
 from ..io.volume import Volume3D, read_volume_maps
+from ..methods import get_method
 from ..stitch.tile_match import intersect, local, split_unit
 from ..stitch.volume_grid import VolumeGrid
 from .volume_plan import anisotropy, open_volume, plan_grid
@@ -30,29 +29,64 @@ class SliceSegmenter:
     AIS from given ``predictions`` needs no model. Otherwise the crops of one block share encoder batches.
     AIS with ``volume.instances: stack`` (:mod:`instances.ais3d`) reads the maps of ``z_halo`` slices
     above and below the block as well (from the predictions, or encoded with the block's slices).
+    Cellpose-SAM runs its network on each slice crop (normalised with the volume's 1/99 percentiles, as
+    cellpose normalises a stack) and cellpose's masks on the crop's flows. The method's parts come from
+    ``methods.get_method`` (``slice_instances``, ``stack_instances``, ``network``, ``chain``).
     """
 
     def __init__(self, cfg: dict[str, Any], volume: Volume3D, maps: Any, model_info: dict[str, Any] | None,
                  anisotropy: float = 1.0):
         self.cfg = cfg
-        self.method = cfg["method"]
+        self.spec = spec = get_method(cfg)
+        self.method = spec.name
         self.volume = volume
         self.maps = maps
-        self.ais = ais_params(cfg) if self.method == "ais" else None
-        self.stack = self.method == "ais" and cfg["volume"]["instances"] == "stack"
+        # maps -> 2D labels (methods.Method.slice_instances, e.g. AIS) for the predict -> segment chain
+        self.params = spec.resolved_params(cfg) if spec.chain == "predict_segment" else None
+        self.slice_labels = spec.step("slice_instances") if spec.chain == "predict_segment" else None
+        self.stack = spec.stack_instances and cfg["volume"]["instances"] == "stack"
         self.anisotropy = anisotropy
-        self.z_halo = z_halo(self.ais, anisotropy) if self.stack else 0
-        self.model = self.decoder = None
-        if not (self.method == "ais" and maps is not None):
+        self.z_halo = z_halo(self.params, anisotropy) if self.stack else 0
+        self.model = self.decoder = self.net = None
+        self._lowhigh = None
+        if spec.uses_model(cfg) and spec.network == "cellpose":
+            from .cellpose import load_net
+            self.net = load_net(model_info, cfg)
+        elif spec.uses_model(cfg):
             from ..embed.prompt_decoder import PromptDecoder
             from .model import load_resolved
             self.model = load_resolved(model_info, cfg["model"]["device"],
-                                       require_decoder=self.method in ("ais", "apg") and maps is None)
-            self.decoder = PromptDecoder(self.model.sam) if self.method != "ais" else None
+                                       require_decoder=spec.store == "sam_maps" and maps is None)
+            self.decoder = PromptDecoder(self.model.sam) if spec.chain == "prompt_segment" else None
 
     @property
     def device(self) -> str:
-        return str(self.model.device) if self.model is not None else "cpu"
+        net = self.model if self.model is not None else self.net
+        return str(net.device) if net is not None else "cpu"
+
+    def lowhigh(self) -> np.ndarray:
+        """(1, 2) Cellpose normalisation bounds of the whole volume, as cellpose's ``normalize99`` takes them
+        from a stack: 1/99 percentiles, of a strided subsample above 224**3 voxels (read once per job)."""
+        if self._lowhigh is None:
+            shape = self.volume.shape
+            step = [max(1, n // 224) for n in shape] if np.prod(shape) > 224 ** 3 else [1, 1, 1]
+            sub = np.asarray(self.volume[tuple(slice(0, n, k) for n, k in zip(shape, step))], np.float32)
+            x01, x99 = np.percentile(sub, [1.0, 99.0])
+            ok = sub.max() > sub.min() and x99 - x01 > 1e-3  # else cellpose sets the channel to 0
+            self._lowhigh = np.array([[x01, x99] if ok else [np.nan, np.nan]])
+        return self._lowhigh
+
+    def _cellpose_block(self, z0: int, z1: int, region: tuple[slice, slice]) -> np.ndarray:
+        """Cellpose-SAM per slice crop: its network on the crop's 256 x 256 tiles (the crops of a block share
+        batches), then cellpose's masks on the crop's flows."""
+        from ..embed.cellpose_net import FlowTask, predict_flows
+        c = self.cfg["cellpose"]
+        tasks = []
+        for z in range(z0, z1):
+            crop = np.asarray(self.volume[(z,) + tuple(region)], np.float32)
+            tasks.append(FlowTask(f"z{z}", crop, np.zeros((3, *crop.shape), np.float16), self.lowhigh()))
+        predict_flows(self.net, tasks, c["halo"], c["batch_size"])
+        return np.stack([self.slice_labels(t.out.astype(np.float32), self.params) for t in tasks])
 
     def _maps(self, z: int, region: tuple[slice, slice]) -> np.ndarray:
         region = tuple(region)
@@ -77,23 +111,25 @@ class SliceSegmenter:
         shape = tuple(s.stop - s.start for s in region)
         if self.stack:
             a, b = max(0, z0 - self.z_halo), min(self.volume.shape[0], z1 + self.z_halo)
-            return ais_stack(self._stack_maps(a, b, region), self.ais, self.anisotropy)[z0 - a:z1 - a]
+            return ais_stack(self._stack_maps(a, b, region), self.params, self.anisotropy)[z0 - a:z1 - a]
+        if self.net is not None:
+            return self._cellpose_block(z0, z1, region).astype(np.uint32)
         out = np.zeros((z1 - z0, *shape), dtype=np.uint32)
         if self.model is None:
             for k, z in enumerate(range(z0, z1)):
-                out[k] = ais_single(self._maps(z, region), self.ais)
+                out[k] = self.slice_labels(self._maps(z, region), self.params)
             return out
         from ..embed.predict import FieldTask, embed_tasks  # torch only where a model runs
         from .prompt_segment import prompt_labels
         tasks = [FieldTask(f"z{z}", self.volume[(z,) + tuple(region)], None) for z in range(z0, z1)]
-        with_maps = self.method in ("ais", "apg") and self.maps is None
+        with_maps = self.spec.store == "sam_maps" and self.maps is None
         enc = self.cfg["encoder"]
         embedded = embed_tasks(self.model, tasks, max(shape), 0, enc["batch_size"], enc["precision"], with_maps)
         for k, (z, (blocks, emb, maps)) in enumerate(zip(range(z0, z1), embedded)):
-            if maps is None and self.method != "amg":
+            if maps is None and self.spec.store is not None:
                 maps = self._maps(z, region)
-            if self.method == "ais":
-                out[k] = ais_single(maps, self.ais)
+            if self.slice_labels is not None:
+                out[k] = self.slice_labels(maps, self.params)
             else:
                 out[k] = prompt_labels(self.cfg, self.decoder, blocks, emb, maps, shape, max(shape))[0]
         return out

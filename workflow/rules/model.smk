@@ -7,6 +7,7 @@ rule model:
         f"{OUT}/model.json",
     params:
         model=CFG["model"], method=CFG["method"], predictions=CFG["predictions"],
+        cellpose=[CFG["cellpose"]["model"], CFG["cellpose"]["cache_dir"]],
     log:
         f"{OUT}/logs/model.log"
     run:

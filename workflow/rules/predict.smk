@@ -1,4 +1,5 @@
-# GPU step: encoder + decoder over the tiles of a batch of fields; writes predictions.ome.zarr chunks.
+# GPU step: the method's network over the tiles of a batch of fields (SAM encoder + decoder for AIS, cellpose's
+# network for cellpose_sam); writes predictions.ome.zarr chunks. The step: methods.py `predict`.
 rule predict:
     input:
         plan=f"{OUT}/plan.json",
@@ -6,7 +7,7 @@ rule predict:
     output:
         f"{OUT}/jobs/predict/{{batch}}.json",
     params:
-        encoder=CFG["encoder"], tiling=CFG["tiling"], channel=CFG["channel"],
+        network=network_sections(CFG), tiling=CFG["tiling"], channel=CFG["channel"],
     threads: 4
     resources:
         gpu=1,
@@ -15,7 +16,5 @@ rule predict:
     log:
         f"{OUT}/logs/predict/{{batch}}.log"
     run:
-        import sys
-        from pipeline_lib.steps.predict import run_predict_batch
-        logged(log, lambda: run_predict_batch(
+        logged(log, lambda: METHOD_SPEC.step("predict")(
             CFG, read_json_file(input.plan), wildcards.batch, read_json_file(input.model), output[0]))

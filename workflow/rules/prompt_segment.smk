@@ -7,7 +7,7 @@ rule prompt_segment:
     output:
         json=f"{OUT}/jobs/segment/{{batch}}.json",
     params:
-        method=CFG["method"], apg=CFG["apg"], amg=CFG["amg"], encoder=CFG["encoder"], tiling=CFG["tiling"],
+        method=CFG["method"], sections=method_sections(CFG), encoder=CFG["encoder"], tiling=CFG["tiling"],
         labels=CFG["labels"], channel=CFG["channel"],
     threads: 4
     resources:
@@ -17,6 +17,5 @@ rule prompt_segment:
     log:
         f"{OUT}/logs/prompt_segment/{{batch}}.log"
     run:
-        from pipeline_lib.steps.prompt_segment import run_prompt_segment_batch
-        logged(log, lambda: run_prompt_segment_batch(
+        logged(log, lambda: METHOD_SPEC.step("segment")(
             CFG, read_json_file(input.plan), wildcards.batch, read_json_file(input.model), output.json))

@@ -1,17 +1,17 @@
-# CPU step: AIS on the stitched maps, labels written into labels/<name> of each field.
+# CPU step: the method's instance step (AIS watershed, Cellpose flows -> masks) on the stitched predictions,
+# labels written into labels/<name> of each field.
 rule segment:
     input:
         unpack(segment_inputs),
     output:
         json=f"{OUT}/jobs/segment/{{batch}}.json",
     params:
-        ais=CFG["ais"], labels=CFG["labels"], tiling=CFG["tiling"], method=CFG["method"],
+        sections=method_sections(CFG), labels=CFG["labels"], tiling=CFG["tiling"], method=CFG["method"],
     threads: 4
     benchmark:
         f"{OUT}/benchmarks/segment/{{batch}}.tsv"
     log:
         f"{OUT}/logs/segment/{{batch}}.log"
     run:
-        from pipeline_lib.steps.segment import run_segment_batch
-        logged(log, lambda: run_segment_batch(
+        logged(log, lambda: METHOD_SPEC.step("segment")(
             CFG, read_json_file(input.plan), wildcards.batch, input.get("predicted"), output.json, threads=threads))

@@ -21,7 +21,7 @@ rule volume_segment:
         tiling=CFG["tiling"], volume=CFG["volume"], channel=CFG["channel"],
     threads: 4
     resources:
-        gpu=0 if (METHOD == "ais" and CFG["predictions"]) else 1,
+        gpu=1 if METHOD_SPEC.uses_model(CFG) else 0,
     log:
         f"{OUT}/logs/volume_segment/{{batch}}.log"
     run:

@@ -1,0 +1,99 @@
+# Several methods side by side (`method: [apg, ais, ...]`): this workflow once per method, as a Snakemake
+# module whose config is that method's (pipeline_lib.methods.method_config): labels/<labels.name>_<method>
+# and the method's outputs (plan, tables, metrics, report) under <output>/methods/<method>/. Then
+# <output>/methods.json lists, per field, the label image of each method (for the comparison of methods).
+# Each method runs its own jobs (SAM embeddings are not yet shared between the SAM methods). The modules'
+# local rules (submit host: model download, plan, aggregate, report) are declared local here by their
+# prefixed names; a method added to pipeline_lib/methods.py needs its block below.
+from pipeline_lib.io.ome_zarr import read_json, write_json_atomic
+from pipeline_lib.methods import method_config, method_output, methods_index
+from pipeline_lib.steps.logs import logged
+
+localrules: methods_index
+
+MAIN_SNAKEFILE = workflow.main_snakefile
+MULTI_METHODS = method_names(CFG)
+MULTI_VOLUME = input_is_volume(CFG["input"])
+
+
+def _per_method_resources():
+    """The profile's (or --set-resources/--set-threads) per-rule settings apply to each method's copy of the
+    rule too (`predict` -> `ais_predict`, ...), so the GPU partition of the slurm profile still applies. Uses
+    Snakemake's parsed settings (9.x); skipped where they are not there."""
+    settings = workflow.resource_settings
+    for attr in ("_parsed_overwrite_resources", "_parsed_overwrite_threads"):
+        table = getattr(settings, attr, None)
+        if isinstance(table, dict):
+            for rule, value in list(table.items()):
+                for m in MULTI_METHODS:
+                    table.setdefault(f"{m}_{rule}", value)
+
+
+_per_method_resources()
+
+
+def method_targets(name):
+    out = method_output(CFG, name)
+    return [f"{out}/summary.json"] + ([] if MULTI_VOLUME else [f"{out}/report.html", f"{out}/jobs/complete.json"])
+
+
+if "apg" in MULTI_METHODS:
+
+    module apg:
+        snakefile:
+            MAIN_SNAKEFILE
+        config:
+            method_config(CFG, "apg")
+
+    use rule * from apg exclude all as apg_*
+
+    localrules: apg_model, apg_plan, apg_aggregate, apg_report, apg_check_complete
+
+if "ais" in MULTI_METHODS:
+
+    module ais:
+        snakefile:
+            MAIN_SNAKEFILE
+        config:
+            method_config(CFG, "ais")
+
+    use rule * from ais exclude all as ais_*
+
+    localrules: ais_model, ais_plan, ais_aggregate, ais_report, ais_check_complete
+
+if "amg" in MULTI_METHODS:
+
+    module amg:
+        snakefile:
+            MAIN_SNAKEFILE
+        config:
+            method_config(CFG, "amg")
+
+    use rule * from amg exclude all as amg_*
+
+    localrules: amg_model, amg_plan, amg_aggregate, amg_report, amg_check_complete
+
+if "cellpose_sam" in MULTI_METHODS:
+
+    module cellpose_sam:
+        snakefile:
+            MAIN_SNAKEFILE
+        config:
+            method_config(CFG, "cellpose_sam")
+
+    use rule * from cellpose_sam exclude all as cellpose_sam_*
+
+    localrules: cellpose_sam_model, cellpose_sam_plan, cellpose_sam_aggregate, cellpose_sam_report, cellpose_sam_check_complete
+
+
+rule methods_index:
+    input:
+        plans=[f"{method_output(CFG, m)}/plan.json" for m in MULTI_METHODS],
+    output:
+        f"{OUT}/methods.json",
+    log:
+        f"{OUT}/logs/methods_index.log"
+    run:
+        logged(log, lambda: write_json_atomic(output[0], methods_index(
+            CFG, {m: read_json(p) for m, p in zip(MULTI_METHODS, input.plans)})))
+
