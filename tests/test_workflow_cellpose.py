@@ -3,6 +3,7 @@ import json
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 import zarr
 
@@ -190,6 +191,21 @@ def test_two_methods_side_by_side(tiny_model, tmp_path):
         assert (out / "methods" / m / "report.html").exists()
         assert _labels(by_method[m]).shape == (96, 120)
     assert json.loads((out / "methods" / "cellpose_sam" / "model.json").read_text())["name"] == "cpsam_tiny"
+    # the comparison: agreement per field and pair, accuracy per method, report.html with the section
+    agreement = pd.read_csv(out / "comparison" / "agreement.csv")
+    assert len(agreement) == 1 and agreement["status"].tolist() == ["ok"] and 0 <= agreement["msa"][0] <= 1
+    assert set(pd.read_csv(out / "comparison" / "accuracy.csv")["method"]) == {"ais", "cellpose_sam"}
+    html = (out / "report.html").read_text()
+    assert 'id="comparison"' in html and 'href="methods/ais/report.html"' in html
+    from conftest import chromium, screenshot
+    try:
+        chromium()
+    except pytest.skip.Exception:
+        return
+    from PIL import Image
+    screenshot(out / "report.html", tmp_path / "compare.png", height=1800)
+    shot = np.asarray(Image.open(tmp_path / "compare.png").convert("RGB"))
+    assert shot.std() > 10 and (np.abs(np.diff(shot.astype(int), axis=2)).sum(axis=2) > 60).mean() > 0.01  # colour
     # a profile's per-rule resources (e.g. the slurm GPU partition) reach each method's copy of the rule
     import subprocess
     import sys

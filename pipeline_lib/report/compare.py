@@ -163,3 +163,32 @@ def disagreement_table(wells: pd.DataFrame, pairs: Sequence[tuple], methods: Seq
              **{f"msa_{m}": f"{m} mSA" for m in methods}}
     return (f"<h3>Wells where the methods disagree most ({len(w)} lowest)</h3>"
             + html_table(w, cols, heads))
+
+
+def write_comparison_report(out_dir: str | Path, methods: Sequence[str]) -> Path:
+    """``<out_dir>/report.html`` of a run with several methods: the plate, the methods with their models and
+    links to each method's own report (``methods/<method>/report.html``), and the "Methods side by side"
+    section from ``<out_dir>/comparison``."""
+    from ..io.ome_zarr import write_atomic
+    from .heatmap import plate_format
+    from .html import CSS
+    out = Path(out_dir)
+    summaries = {m: read_json(out / "methods" / m / "summary.json") for m in methods}
+    first = summaries[methods[0]]
+    rows, cols = plate_format(first.get("plate_rows") or [], first.get("plate_columns") or [])
+    rows_html = []
+    for m, s in summaries.items():
+        model = s.get("model") or {}
+        name = "none (stored predictions)" if model.get("skipped") else model.get("name") or model.get("checkpoint", "")
+        link = f'<a href="methods/{esc(m)}/report.html">report</a>'
+        rows_html.append((m, f"model {esc(name)} \u00b7 {esc(fmt(s.get('n_objects', '')))} objects \u00b7 {link}"))
+    table = "".join(f"<tr><td>{esc(k)}</td><td>{v}</td></tr>"
+                    for k, v in [("Input", esc(first.get("input", "")))] + rows_html)
+    head = (f"<header><h1>Methods side by side \u2013 {esc(first.get('plate') or 'image')}</h1>"
+            f'<table class="meta">{table}</table></header>')
+    body = head + comparison_section(out / "comparison", out / "report", rows, cols)
+    doc = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Methods side by side</title>'
+           f"<style>{CSS}</style></head><body>{body}</body></html>\n")
+    path = out / "report.html"
+    write_atomic(path, lambda p: p.write_text(doc, encoding="utf-8"))
+    return path

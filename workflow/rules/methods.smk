@@ -9,7 +9,7 @@ from pipeline_lib.io.ome_zarr import read_json, write_json_atomic
 from pipeline_lib.methods import method_config, method_output, methods_index
 from pipeline_lib.steps.logs import logged
 
-localrules: methods_index
+localrules: methods_index, compare_report
 
 MAIN_SNAKEFILE = workflow.main_snakefile
 MULTI_METHODS = method_names(CFG)
@@ -97,3 +97,33 @@ rule methods_index:
         logged(log, lambda: write_json_atomic(output[0], methods_index(
             CFG, {m: read_json(p) for m, p in zip(MULTI_METHODS, input.plans)})))
 
+
+
+# The comparison of the methods (plates and 2D images): agreement per field and method pair, accuracy per
+# method with ground truth, and <output>/report.html with the "Methods side by side" section and links to
+# each method's report (pipeline_lib/steps/compare.py, pipeline_lib/report/compare.py).
+rule compare:
+    input:
+        index=f"{OUT}/methods.json",
+        summaries=[f"{method_output(CFG, m)}/summary.json" for m in MULTI_METHODS],
+    output:
+        f"{OUT}/comparison/summary.json",
+    benchmark:
+        f"{OUT}/benchmarks/compare.tsv"
+    log:
+        f"{OUT}/logs/compare.log"
+    run:
+        from pipeline_lib.steps.compare import run_compare
+        logged(log, lambda: run_compare(CFG, read_json(input.index), MULTI_METHODS, OUT))
+
+
+rule compare_report:
+    input:
+        f"{OUT}/comparison/summary.json",
+    output:
+        f"{OUT}/report.html",
+    log:
+        f"{OUT}/logs/compare_report.log"
+    run:
+        from pipeline_lib.report.compare import write_comparison_report
+        logged(log, lambda: write_comparison_report(OUT, MULTI_METHODS))
