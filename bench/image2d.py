@@ -193,6 +193,8 @@ def run_case(case: str, size: int, args, work: Path, tiny: dict | None) -> dict:
         cfg["predictions"] = str(pred)
     else:
         cfg["model"] = {"checkpoint": tiny["checkpoint"], "decoder": tiny["decoder"], "device": "cpu"}
+        if args.encoder_batch:
+            cfg["encoder"] = {"batch_size": args.encoder_batch}
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(work),
            "--configfile", str(work / "config.yaml"), "--cores", str(args.cores), "--quiet", "rules"]
@@ -205,8 +207,10 @@ def run_case(case: str, size: int, args, work: Path, tiny: dict | None) -> dict:
     if rc != 0:
         raise SystemExit(f"workflow failed ({case} {size}):\n{(work / 'snakemake.log').read_text()[-4000:]}")
     peaks, n_jobs = sampler.peaks(), {}
-    for rule in sampler.jobs.values():
-        n_jobs[rule[0]] = n_jobs.get(rule[0], 0) + 1
+    for line in (work / "snakemake.log").read_text().splitlines():  # forked workers share a job's cmdline
+        if line.startswith("Finished jobid") and "(Rule: all)" not in line:
+            rule = line.split("(Rule: ")[1].rstrip(")")
+            n_jobs[rule] = n_jobs.get(rule, 0) + 1
     for tsv in glob.glob(str(work / "out" / "benchmarks" / "**" / "*.tsv"), recursive=True):
         p = Path(tsv)
         rule = p.parent.name if p.parent.name != "benchmarks" else p.stem
@@ -254,6 +258,7 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--halo", type=int, default=64)
     ap.add_argument("--field-block", type=int, default=2048, help="tiling.field_block (APG blocks)")
+    ap.add_argument("--encoder-batch", type=int, default=None, help="encoder.batch_size for APG (default: schema's)")
     ap.add_argument("--gen-block", type=int, default=2048, help="generation block (px)")
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--keep", action="store_true", help="keep each run's data (default: deleted after the run)")
