@@ -16,10 +16,21 @@ the kernel's VmHWM of the spawned job processes (every rule; read every 0.2 s, s
 last 0.2 s of a job). The point to show: peak RSS per job stays flat when the image
 grows 4x (it is bounded by the block/tile, not the image).
 
-    python bench/image2d.py                        # what was run on 2 shared cores: AIS 8k^2 and 16k^2,
-                                                   # APG 4k^2 (field_block 2048) and 8k^2
+    python bench/image2d.py --cases ais                                  # AIS 8192^2 and 16384^2
+    python bench/image2d.py --cases apg --apg-size 2048 --field-block 1024 # APG 2048^2 and 4096^2
+    python bench/image2d.py --cases apg --apg-size 1024 --field-block 512  # APG 1024^2 and 2048^2
     python bench/image2d.py --ais-size 32768 --apg-size 8192 --field-block 4096 --grow 4 16   # the issue's
-    python bench/image2d.py --cases ais --repeat 2  # run-to-run noise of the peak RSS
+    python bench/image2d.py --cases ais --repeat 3  # run-to-run noise of the peak RSS
+
+Run so far (2 cores shared with other jobs, load 3-10; 2026-12-02): the first three lines above, i.e. AIS at
+8k^2 and 16k^2 (tile 512, halo 64) and APG with the tiny model on the CPU at 2k^2/4k^2 (field_block 1024)
+and 1k^2/2k^2 (field_block 512), field_halo 256. Not run: the issue's 32k^2 AIS and 8k^2 APG, and 16x.
+Findings (peak MB of the largest job): AIS segment 1054 -> 874 (bounded: blocks plus the 512 MB map cache
+of instances.ais); measure 447 -> 574 and aggregate 287 -> 390 grow with the object count (90k -> 363k
+objects, ~0.4-0.5 kB per object: the per-object feature DataFrame and its copies in steps/measure, the
+whole batch table in steps/aggregate.concat_parquet/object_areas, one batch = the whole image). APG
+prompt_segment ~2.1-4.2 GB at 1k-4k^2, most of it the encoder batch (encoder.batch_size 8 tiles at 1024^2
+on the CPU: 2059 -> 1372 MB with batch_size 1). Wall times are dominated by the machine's load.
 """
 from __future__ import annotations
 
