@@ -29,8 +29,10 @@ Findings (peak MB of the largest job): AIS segment 1054 -> 874 (bounded: blocks 
 of instances.ais); measure 447 -> 574 and aggregate 287 -> 390 grow with the object count (90k -> 363k
 objects, ~0.4-0.5 kB per object: the per-object feature DataFrame and its copies in steps/measure, the
 whole batch table in steps/aggregate.concat_parquet/object_areas, one batch = the whole image). APG
-prompt_segment ~2.1-4.2 GB at 1k-4k^2, most of it the encoder batch (encoder.batch_size 8 tiles at 1024^2
-on the CPU: 2059 -> 1372 MB with batch_size 1). Wall times are dominated by the machine's load.
+prompt_segment (VmHWM, field_block 512) 2768 -> 2905 MB from 1k^2 to 2k^2 (+5 %); Snakemake's max_rss
+read 2055 for the first, i.e. 30 s sampling misses ~0.7 GB peaks (the earlier field_block 1024 runs,
+3880 -> 4181, are max_rss only). Most of it is the encoder batch (encoder.batch_size 8 tiles at 1024^2 on
+the CPU; 2059 -> 1372 MB max_rss with batch_size 1). Wall times are dominated by the machine's load.
 """
 from __future__ import annotations
 
