@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from conftest import run_workflow
 from pipeline_lib.io.synthetic_volume import write_synthetic_volume
+from pipeline_lib.steps.volume_plan import edge_inputs
 from pipeline_lib.testing.volume import run_volume_steps
 
 SHAPE = (16, 96, 96)  # 2 slabs x 4 tiles of 48 (halo 16): 8 blocks
@@ -51,6 +52,9 @@ def test_block_groups_give_the_labels_of_whole_slabs(volume, tmp_path):
     one = run_volume_steps(_cfg(d, "g1k", 1024))
     plan = json.loads((d / "out_g3" / "plan.json").read_text())
     assert plan["batches"] == {"b00000": [0, 3], "b00001": [3, 6], "b00002": [6, 8]}
+    # edge jobs wait only for the pass-1 jobs whose blocks they read (neighbour tiles, slices below)
+    assert edge_inputs(plan, "b00000", 3) == ["b00000", "b00001", "b00002"]
+    assert edge_inputs(plan, "b00002", 3) == ["b00002"]
     assert small["grid"]["n_blocks"] == 8 and small["n_objects"] == one["n_objects"] > 20
     for lvl in ("s0", "s1"):
         assert np.array_equal(_labels(d, "g3", lvl), _labels(d, "g1k", lvl))
