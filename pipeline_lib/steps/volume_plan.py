@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import zarr
 
 from ..io.ome_zarr import (InputError, StoreLayout, create_label_image, describe_store, mirror_plate, open_field,
@@ -108,9 +109,10 @@ def batch_of_block(plan: dict[str, Any], s: int, t: int) -> str:
 def edge_inputs(plan: dict[str, Any], batch: str, reach: int) -> list[str]:
     """The pass-1 batches whose blocks the edge job of ``batch`` reads: its own, the tiles its yx pairs
     reach (higher-numbered neighbours) and the slabs its z overlaps reach (``reach`` slices past a slab)."""
-    grid = plan_grid(plan)
-    need = set().union(*(grid.evidence_reads(s, t, reach) for s, t in batch_blocks(plan, batch)))
-    return sorted({batch_of_block(plan, s, t) for s, t in need})
+    start, stop = plan["batches"][batch]
+    first = next(iter(plan["batches"].values()))
+    need = plan_grid(plan).evidence_reads_range(start, stop, reach) // (first[1] - first[0])
+    return [f"b{int(i):05d}" for i in np.unique(need)]
 
 
 def create_volume_stores(cfg: dict[str, Any], plan: dict[str, Any]) -> None:

@@ -71,6 +71,24 @@ class VolumeGrid:
         last = self.slab_of(min(self.shape[0], self.slab(s)[1] + reach) - 1)
         return {(s2, t) for s2 in range(s, last + 1)} | {(s, j) for j in self.neighbours(t) if j > t}
 
+    def evidence_reads_range(self, start: int, stop: int, reach: int) -> np.ndarray:
+        """Flat indices (slab * n_tiles + tile) of the blocks that ``evidence_reads`` gives for the blocks
+        ``start .. stop - 1``, all at once (the DAG asks this for every edge job)."""
+        flat = np.arange(start, stop, dtype=np.int64)
+        s, t = np.divmod(flat, self.n_tiles)
+        ny, nx = (max(b.index[k] for b in self.tiles) + 1 for k in (0, 1))
+        iy, ix = np.divmod(t, nx)
+        out = [flat]
+        if self.halo > 0:
+            for dy, dx in ((0, 1), (1, -1), (1, 0), (1, 1)):  # the neighbours with a higher tile number
+                ok = (iy + dy < ny) & (ix + dx >= 0) & (ix + dx < nx)
+                out.append(flat[ok] + dy * nx + dx)
+        last = (np.minimum(self.shape[0], np.minimum((s + 1) * self.z_block, self.shape[0]) + reach) - 1
+                ) // self.z_block
+        for k in range(1, int((last - s).max(initial=0)) + 1):
+            out.append(flat[last - s >= k] + k * self.n_tiles)
+        return np.unique(np.concatenate(out))
+
     def slice_offsets(self, off: np.ndarray, t: int, z0: int, z1: int) -> np.ndarray:
         """The unit offsets of tile ``t`` for slices z0..z1-1 (which may span slabs)."""
         zs = np.arange(z0, z1)
