@@ -64,6 +64,7 @@ else:
 
     rule all:
         input:
-            [f"{OUT}/summary.json", f"{OUT}/objects.parquet"] if VOLUME else
+            [f"{OUT}/{name}" for name in ("summary.json", "objects.parquet", "report.html", "jobs/complete.json")]
+            if VOLUME else
             [f"{OUT}/{name}" for name in PLATE_OUTPUTS] + [f"{OUT}/report.html", f"{OUT}/jobs/complete.json"],
         default_target: True

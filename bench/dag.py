@@ -14,9 +14,13 @@ published one (no network). Then, per method:
 Prints a table: method, fields, batches, jobs (total, cluster, per rule), plan seconds, dry-run seconds.
 The issue's target: the dry run under 30 s and at most a few hundred jobs with the default batching.
 
+``--volume Z Y X`` does the same for a metadata-only volume (AIS from metadata-only predictions, 512 x 512
+tiles unless ``--tile``): jobs per volume rule at the default ``volume.blocks_per_job`` (or the given ones).
+
     python bench/dag.py                            # ais and apg, default batching (schema default)
     python bench/dag.py --fields-per-job 16 32     # override batching.fields_per_job (one row each)
     python bench/dag.py --methods apg --keep       # keep the temporary directory (plate, configs, outputs)
+    python bench/dag.py --volume 10000 10000 10000 # a 10k^3 volume (metadata only), default blocks_per_job
 """
 from __future__ import annotations
 
@@ -70,6 +74,60 @@ def write_metadata_plate(path: Path, rows: str = ROWS, columns: int = 24, fields
                             "columns": [{"name": str(c + 1)} for c in range(columns)], "wells": wells,
                             "field_count": fields}, version)
     return n
+
+
+def write_metadata_volume(path: Path, shape: tuple[int, int, int], levels: int = 5, chunk: int = 512,
+                          version: str = "0.4") -> Path:
+    """A czyx uint16 volume and its (3, z, y, x) float16 predictions store, metadata only (no chunks)."""
+    from pipeline_lib.io.volume import create_volume_maps
+    root = zarr.open_group(str(path / "vol.ome.zarr"), mode="w", zarr_format=ngff.zarr_format_of(version))
+    paths = [f"s{lvl}" for lvl in range(levels)]
+    shapes = [(1, shape[0], -(-shape[1] // 2 ** lvl), -(-shape[2] // 2 ** lvl)) for lvl in range(levels)]
+    ngff.create_levels(root, paths, shapes, [(1, 1, chunk, chunk)] * levels, "uint16", "czyx", overwrite=True)
+    datasets = ngff.datasets_meta(paths, [[1.0, 1.0, 2.0 ** lvl, 2.0 ** lvl] for lvl in range(levels)])
+    ngff.write_image(root, version, ngff.axes_meta("czyx"), datasets, "volume", downsampling=ngff.NEAREST)
+    create_volume_maps(zarr.open_group(str(path / "pred.ome.zarr"), mode="w",
+                                       zarr_format=ngff.zarr_format_of(version)), shape, (chunk, chunk), version)
+    return path
+
+
+def run_volume(shape: tuple[int, int, int], bpj: int | None, tile: int, work: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    write_metadata_volume(work, shape, chunk=tile)
+    cfg = {"input": str(work / "vol.ome.zarr"), "output": str(work / "out"), "predictions": str(work / "pred.ome.zarr"),
+           "method": "ais", "tiling": {"tile": tile}}
+    if bpj is not None:
+        cfg["volume"] = {"blocks_per_job": bpj}
+    cfg_path = work / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    t_plan, _ = snakemake(work, cfg_path, "--until", "plan")
+    t_dry, out = snakemake(work, cfg_path, "--dry-run")
+    plan = json.loads((work / "out" / "plan.json").read_text())
+    counts = job_stats(out)
+    total = counts.pop("total", sum(counts.values()))
+    local = local_rules()
+    return {"shape": shape, "blocks_per_job": bpj, "blocks": plan["n_slabs"] * plan["n_tiles"],
+            "batches": len(plan["batches"]), "jobs": total,
+            "cluster_jobs": total - sum(n for r, n in counts.items() if r in local), "per_rule": counts,
+            "plan_s": t_plan, "dry_run_s": t_dry}
+
+
+def volume_main(args: argparse.Namespace, tmp: Path) -> None:
+    default = yaml.safe_load((REPO / "pipeline_lib" / "config.schema.yaml").read_text())[
+        "properties"]["volume"]["properties"]["blocks_per_job"]["default"]
+    shape = tuple(args.volume)
+    print(f"volume {' x '.join(map(str, shape))} (metadata only), tile {args.tile}, "
+          f"default volume.blocks_per_job (schema): {default}")
+    head = f"{'blocks/job':>11}{'blocks':>9}{'batches':>9}{'jobs':>6}{'cluster':>9}{'plan s':>8}{'dry-run s':>11}" \
+           "  jobs per rule"
+    rows = [run_volume(shape, b, args.tile, tmp / f"vol_{b or 'default'}") for b in args.blocks_per_job or [None]]
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        bpj = r["blocks_per_job"] if r["blocks_per_job"] is not None else f"{default}*"
+        rules = ", ".join(f"{k} {v}" for k, v in r["per_rule"].items())
+        print(f"{bpj!s:>11}{r['blocks']:>9}{r['batches']:>9}{r['jobs']:>6}{r['cluster_jobs']:>9}{r['plan_s']:>8.1f}"
+              f"{r['dry_run_s']:>11.1f}  {rules}")
 
 
 def local_rules() -> set[str]:
@@ -150,10 +208,18 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=2160, help="field size in pixels (no pixels are written)")
     ap.add_argument("--levels", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--volume", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                    help="job graph of a metadata-only volume of this shape instead of the plate")
+    ap.add_argument("--blocks-per-job", type=int, nargs="+", default=None, help="--volume: override "
+                    "volume.blocks_per_job (default: the schema default)")
+    ap.add_argument("--tile", type=int, default=512, help="--volume: tiling.tile")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="dag_bench_"))
     try:
+        if args.volume:
+            volume_main(args, tmp)
+            return
         plate = tmp / "plate.ome.zarr"
         t0 = time.perf_counter()
         n = write_metadata_plate(plate, ROWS[:args.rows], args.columns, args.fields, args.side, args.levels)

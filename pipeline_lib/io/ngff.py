@@ -302,14 +302,16 @@ def _transform(dataset: dict, key: str) -> list[float] | None:
 
 
 def create_label_image(image_group: zarr.Group, image: Multiscale, name: str, chunks: Sequence[int],
-                       dtype: str = "uint32", overwrite: bool = False, source: str = "../../") -> zarr.Group:
+                       dtype: str = "uint32", overwrite: bool = False, source: str = "../../",
+                       level_chunks: Sequence[Sequence[int]] | None = None) -> zarr.Group:
     """Create ``labels/<name>`` (all levels, empty) with NGFF ``image-label`` metadata.
 
     Levels have the image's level shapes and scales (minus the channel axis). They are filled as strided
     picks of level 0 (io/pyramid.py), so every level keeps level 0's translation: copying the image's
     per-level translations (right for block-mean image levels) would place level k up to (2^k - 1) / 2
     pixels off. An absolute ``source`` is stored relative to the label group. Called once per field by
-    the planning step (volumes) or the field's segment job; jobs then only write chunks.
+    the planning step (volumes) or the field's segment job; jobs then only write chunks. ``level_chunks``
+    (volumes) gives each level its own yx chunks, so that a tile owns whole chunks of every level.
     """
     from .ome_zarr import spatial_label_axes
     axes, idx = spatial_label_axes(image)
@@ -319,7 +321,8 @@ def create_label_image(image_group: zarr.Group, image: Multiscale, name: str, ch
     group = labels[name] if name in labels and not overwrite else labels.create_group(name, overwrite=True)
     paths = [d["path"] for d in image.datasets]
     shapes = [tuple(image.level(k).shape[i] for i in idx) for k in range(image.n_levels)]
-    create_levels(group, paths, shapes, [_pad_chunks(chunks, len(s)) for s in shapes], dtype,
+    per_level = level_chunks or [chunks] * len(shapes)
+    create_levels(group, paths, shapes, [_pad_chunks(c, len(s)) for c, s in zip(per_level, shapes)], dtype,
                   [a["name"] for a in axes])
     shift0 = _transform(image.datasets[0], "translation")
     scales = [[image.scale(k)[i] for i in idx] for k in range(image.n_levels)]

@@ -1,7 +1,8 @@
-"""Per-object 3D properties (volume, centroid, bbox, z-extent) accumulated block by block.
+"""Per-object 3D properties (volume, centroid, bbox, z-extent, intensity per channel) accumulated block by block.
 
 Each block yields partial sums/minima/maxima per label; partials of the same label from different blocks
-are combined with one groupby, so no step ever holds more than one block of voxels.
+are combined with one groupby, so no step ever holds more than one block of voxels. Intensity partials
+are ``isum_<c>``, ``imin_<c>``, ``imax_<c>`` per channel index c (float64 sums: exact for uint16 blocks).
 """
 from __future__ import annotations
 
@@ -15,12 +16,18 @@ OBJECT_COLUMNS = ["label", "volume_voxels", "volume", "centroid_z", "centroid_y"
                   "bbox_x0", "bbox_z1", "bbox_y1", "bbox_x1", "z_extent"]
 
 
-def block_partials(ids: np.ndarray, origin: Sequence[int]) -> pd.DataFrame:
-    """Partial statistics of the labels in one (z, y, x) block whose first voxel is at ``origin``."""
+def intensity_partials(n_channels: int) -> list[str]:
+    return [f"{k}_{c}" for c in range(n_channels) for k in ("isum", "imin", "imax")]
+
+
+def block_partials(ids: np.ndarray, origin: Sequence[int], intensities: np.ndarray | None = None) -> pd.DataFrame:
+    """Partial statistics of the labels in one (z, y, x) block whose first voxel is at ``origin``;
+    ``intensities`` (c, z, y, x) adds the intensity partials of every channel."""
     flat = ids.ravel()
     nz = np.flatnonzero(flat)
+    cols = PARTIAL + intensity_partials(0 if intensities is None else len(intensities))
     if nz.size == 0:
-        return pd.DataFrame({c: np.zeros(0, np.int64) for c in PARTIAL})
+        return pd.DataFrame({c: np.zeros(0, np.float64 if c[0] == "i" else np.int64) for c in cols})
     lab = flat[nz].astype(np.int64)
     order = np.argsort(lab, kind="stable")
     lab, nz = lab[order], nz[order]
@@ -32,22 +39,30 @@ def block_partials(ids: np.ndarray, origin: Sequence[int]) -> pd.DataFrame:
         out[f"sum_{name}"] = np.add.reduceat(c, starts)
         out[f"min_{name}"] = np.minimum.reduceat(c, starts)
         out[f"max_{name}"] = np.maximum.reduceat(c, starts)
-    return pd.DataFrame(out, columns=PARTIAL)
+    for ch in range(0 if intensities is None else len(intensities)):
+        v = np.asarray(intensities[ch]).ravel()[nz].astype(np.float64)
+        out[f"isum_{ch}"] = np.add.reduceat(v, starts)
+        out[f"imin_{ch}"] = np.minimum.reduceat(v, starts)
+        out[f"imax_{ch}"] = np.maximum.reduceat(v, starts)
+    return pd.DataFrame(out, columns=cols)
 
 
 def combine_partials(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
     """One row of partials per label from the rows of many blocks."""
+    cols = list(parts[0].columns) if len(parts) else PARTIAL
     parts = [p for p in parts if len(p)]
     if not parts:
-        return pd.DataFrame({c: np.zeros(0, np.int64) for c in PARTIAL})
+        return pd.DataFrame({c: np.zeros(0, np.float64 if c[0] == "i" else np.int64) for c in cols})
     df = pd.concat(parts, ignore_index=True)
-    agg = {c: ("sum" if c.startswith(("sum", "voxels")) else "min" if c.startswith("min") else "max")
-           for c in PARTIAL[1:]}
+    agg = {c: ("sum" if c.startswith(("sum", "voxels", "isum")) else "min" if c.startswith(("min", "imin"))
+               else "max") for c in df.columns if c != "label"}
     return df.groupby("label", sort=True).agg(agg).reset_index()
 
 
-def object_table(partials: pd.DataFrame, voxel_size: Sequence[float] = (1.0, 1.0, 1.0)) -> pd.DataFrame:
-    """The objects table from combined partials; ``volume`` is in physical units (voxel size product)."""
+def object_table(partials: pd.DataFrame, voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+                 channels: Sequence[str] = ()) -> pd.DataFrame:
+    """The objects table from combined partials; ``volume`` is in physical units (voxel size product);
+    ``intensity_{mean,min,max,sum}_<channel>`` for the channel suffixes ``channels`` (partials 0, 1, ...)."""
     p = partials
     n = p["voxels"].to_numpy(np.float64)
     out = pd.DataFrame({"label": p["label"].astype(np.uint32), "volume_voxels": p["voxels"].astype(np.int64),
@@ -59,4 +74,11 @@ def object_table(partials: pd.DataFrame, voxel_size: Sequence[float] = (1.0, 1.0
     for name in "zyx":
         out[f"bbox_{name}1"] = p[f"max_{name}"].astype(np.int64) + 1
     out["z_extent"] = out["bbox_z1"] - out["bbox_z0"]
-    return out[OBJECT_COLUMNS]
+    out = out[OBJECT_COLUMNS]
+    for ch, name in enumerate(channels):
+        total = p[f"isum_{ch}"].to_numpy(np.float64)
+        out[f"intensity_mean_{name}"] = total / np.maximum(n, 1)
+        out[f"intensity_min_{name}"] = p[f"imin_{ch}"].to_numpy(np.float64)
+        out[f"intensity_max_{name}"] = p[f"imax_{ch}"].to_numpy(np.float64)
+        out[f"intensity_sum_{name}"] = total
+    return out

@@ -1,4 +1,9 @@
-"""The job plan of a volume: its grid (slabs x tiles), batches of whole slabs, and the stores jobs write into.
+"""The job plan of a volume: its grid (slabs x tiles), batches of blocks, and the stores jobs write into.
+
+A batch (one job of every per-batch rule) is a contiguous range ``[start, stop)`` of flat block indices
+``slab * n_tiles + tile`` (``volume.blocks_per_job`` blocks), so a job's memory and run time depend on the
+block size and the group size, never on the slice area. Blocks in that order are also the order of the
+global piece ids, so a batch's pieces are one contiguous id range.
 
 Label metadata and the scratch store are created here once; jobs then only write array chunks.
 """
@@ -7,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import zarr
 
 from ..io.ome_zarr import (InputError, StoreLayout, create_label_image, describe_store, mirror_plate, open_field,
@@ -62,15 +68,51 @@ def make_volume_plan(cfg: dict[str, Any], layout: StoreLayout) -> dict[str, Any]
     names = img.axis_names
     voxel = [float(img.scale(0)[names.index(a)]) for a in "zyx"]
     lab_root = os.path.abspath(cfg["labels"]["store"] or root)
-    n = v["slabs_per_job"]
-    slabs = list(range(grid.n_slabs))
-    batches = {f"b{i // n:04d}": slabs[i:i + n] for i in range(0, len(slabs), n)}
+    ratios = level_ratios(img)
+    aligned = all(grid.tile % r == 0 for r in ratios)
+    n = v["blocks_per_job"]
+    if not aligned:  # coarser label chunks would straddle tiles: jobs take whole slabs, as before
+        n = -(-n // grid.n_tiles) * grid.n_tiles
+    n_blocks = grid.n_slabs * grid.n_tiles
+    batches = {f"b{i // n:05d}": [i, min(i + n, n_blocks)] for i in range(0, n_blocks, n)}
     return {"input": root, "kind": "volume", "version": layout.version, "zarr_format": layout.zarr_format,
             "shape": list(vol.shape), "dtype": str(vol.dtype), "voxel_size": voxel, "tile": grid.tile,
             "halo": grid.halo, "z_block": grid.z_block, "n_slabs": grid.n_slabs, "n_tiles": grid.n_tiles,
             "predictions_root": pred, "labels_root": lab_root,
             "labels": os.path.join(lab_root, "labels", cfg["labels"]["name"]), "scratch": scratch_path(cfg),
+            "label_chunks": [[grid.tile // r] * 2 if aligned else [grid.tile] * 2 for r in ratios],
             "batches": batches}
+
+
+def level_ratios(img: Any) -> list[int]:
+    """The yx downsampling factor of every image level over level 0 (rounded; 1 for level 0)."""
+    names = img.axis_names
+    s0 = img.scale(0)
+    iy = names.index("y")
+    return [max(1, int(round(img.scale(k)[iy] / s0[iy]))) for k in range(img.n_levels)]
+
+
+def batch_blocks(plan: dict[str, Any], batch: str) -> list[tuple[int, int]]:
+    """The (slab, tile) blocks of ``batch``, in id order."""
+    start, stop = plan["batches"][batch]
+    return [divmod(i, plan["n_tiles"]) for i in range(start, stop)]
+
+
+def batch_of_block(plan: dict[str, Any], s: int, t: int) -> str:
+    """The batch holding block (s, t) (batches are equal ranges of flat block indices, the last shorter)."""
+    first = next(iter(plan["batches"].values()))
+    n = first[1] - first[0]
+    i = (s * plan["n_tiles"] + t) // n
+    return f"b{i:05d}"
+
+
+def edge_inputs(plan: dict[str, Any], batch: str, reach: int) -> list[str]:
+    """The pass-1 batches whose blocks the edge job of ``batch`` reads: its own, the tiles its yx pairs
+    reach (higher-numbered neighbours) and the slabs its z overlaps reach (``reach`` slices past a slab)."""
+    start, stop = plan["batches"][batch]
+    first = next(iter(plan["batches"].values()))
+    need = plan_grid(plan).evidence_reads_range(start, stop, reach) // (first[1] - first[0])
+    return [f"b{int(i):05d}" for i in np.unique(need)]
 
 
 def create_volume_stores(cfg: dict[str, Any], plan: dict[str, Any]) -> None:
@@ -83,7 +125,7 @@ def create_volume_stores(cfg: dict[str, Any], plan: dict[str, Any]) -> None:
         parent = open_group(plan["input"], mode="a")
         source = "../../"
     create_label_image(parent, img, cfg["labels"]["name"], chunks=(plan["tile"],) * 2, overwrite=True,
-                       source=source)
+                       source=source, level_chunks=plan.get("label_chunks"))
     os.makedirs(os.path.join(plan["scratch"], "blocks"), exist_ok=True)
     t = plan["tile"]
     zarr.create_array(os.path.join(plan["scratch"], "pieces.zarr"), shape=tuple(plan["shape"]), dtype="uint32",

@@ -1,4 +1,4 @@
-"""Pass 1 over a volume: 2D instance segmentation of every slice x tile (with halo) of a batch of slabs.
+"""Pass 1 over a volume: 2D instance segmentation of every slice x tile (with halo) of a batch of blocks.
 
 Per block (one slab x one tile) the job writes the inner labels (*pieces*, ids 1..n per slice) into the
 scratch array, and into ``blocks/<block>.npz`` the tile's labels inside each neighbour's inner region (the
@@ -20,7 +20,7 @@ from ..io.volume import Volume3D, read_volume_maps
 from ..methods import get_method
 from ..stitch.tile_match import intersect, local, split_unit
 from ..stitch.volume_grid import VolumeGrid
-from .volume_plan import anisotropy, open_volume, plan_grid
+from .volume_plan import anisotropy, batch_blocks, open_volume, plan_grid
 
 
 class SliceSegmenter:
@@ -165,7 +165,7 @@ def write_block(plan: dict[str, Any], grid: VolumeGrid, scratch: Any, s: int, t:
 
 def run_volume_segment_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str,
                              model_info: dict[str, Any] | None, out_json: str, segmenter: Any = None) -> dict[str, Any]:
-    """Pass 1 for the slabs of ``batch``; a block that fails (e.g. a corrupt chunk) is reported by name and
+    """Pass 1 for the blocks of ``batch``; a block that fails (e.g. a corrupt chunk) is reported by name and
     left empty, the other blocks finish. ``segmenter`` (benchmarks: e.g. ground-truth slices) replaces the
     configured one; it needs ``block(z0, z1, region)`` and ``device``."""
     grid = plan_grid(plan)
@@ -174,7 +174,7 @@ def run_volume_segment_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: s
         segmenter = SliceSegmenter(cfg, open_volume(plan, cfg["channel"]), maps, model_info, anisotropy(plan))
     seg = segmenter
     scratch = zarr.open_array(os.path.join(plan["scratch"], "pieces.zarr"), mode="r+")
-    todo = [(s, t) for s in plan["batches"][batch] for t in range(grid.n_tiles)]
+    todo = batch_blocks(plan, batch)
 
     def work(st: tuple[int, int]) -> dict[str, Any]:
         t0 = time.time()

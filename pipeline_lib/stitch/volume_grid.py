@@ -64,6 +64,31 @@ class VolumeGrid:
                 if j > i:
                     yield i, j
 
+    def evidence_reads(self, s: int, t: int, reach: int) -> set[tuple[int, int]]:
+        """Blocks the stitching evidence of block (s, t) reads: the same tile in the slabs up to ``reach``
+        slices below the slab, and the same slab in the higher-numbered neighbour tiles (each pair of tiles
+        is matched by its lower tile)."""
+        last = self.slab_of(min(self.shape[0], self.slab(s)[1] + reach) - 1)
+        return {(s2, t) for s2 in range(s, last + 1)} | {(s, j) for j in self.neighbours(t) if j > t}
+
+    def evidence_reads_range(self, start: int, stop: int, reach: int) -> np.ndarray:
+        """Flat indices (slab * n_tiles + tile) of the blocks that ``evidence_reads`` gives for the blocks
+        ``start .. stop - 1``, all at once (the DAG asks this for every edge job)."""
+        flat = np.arange(start, stop, dtype=np.int64)
+        s, t = np.divmod(flat, self.n_tiles)
+        ny, nx = (max(b.index[k] for b in self.tiles) + 1 for k in (0, 1))
+        iy, ix = np.divmod(t, nx)
+        out = [flat]
+        if self.halo > 0:
+            for dy, dx in ((0, 1), (1, -1), (1, 0), (1, 1)):  # the neighbours with a higher tile number
+                ok = (iy + dy < ny) & (ix + dx >= 0) & (ix + dx < nx)
+                out.append(flat[ok] + dy * nx + dx)
+        last = (np.minimum(self.shape[0], np.minimum((s + 1) * self.z_block, self.shape[0]) + reach) - 1
+                ) // self.z_block
+        for k in range(1, int((last - s).max(initial=0)) + 1):
+            out.append(flat[last - s >= k] + k * self.n_tiles)
+        return np.unique(np.concatenate(out))
+
     def slice_offsets(self, off: np.ndarray, t: int, z0: int, z1: int) -> np.ndarray:
         """The unit offsets of tile ``t`` for slices z0..z1-1 (which may span slabs)."""
         zs = np.arange(z0, z1)
@@ -89,3 +114,43 @@ def unit_offsets(counts: np.ndarray) -> tuple[np.ndarray, int]:
     off = np.concatenate([[0], np.cumsum(flat)[:-1]]).reshape(counts.shape)
     return off, int(flat.sum()) + 1
 
+
+
+def unit_key(grid: VolumeGrid, s: int, t: int, dz: int) -> int:
+    """Flat index of unit (slab, tile, dz): the order of the global ids (``unit_offsets(counts).ravel()``)."""
+    return (s * grid.n_tiles + t) * grid.z_block + dz
+
+
+@dataclass(frozen=True)
+class LocalIds:
+    """Compact ids over the units one job reads (``keys``: sorted unit keys with pieces, ``offsets``: their
+    running totals), so that the job's evidence does not depend on blocks it never reads; ``to_global``
+    turns them into global ids once every block's count is known (pass 3)."""
+    keys: np.ndarray
+    offsets: np.ndarray
+
+    @classmethod
+    def from_counts(cls, counts: dict[int, int]) -> "LocalIds":
+        keys = np.array(sorted(k for k, n in counts.items() if n > 0), dtype=np.int64)
+        n = np.array([counts[k] for k in keys], dtype=np.int64)
+        return cls(keys, np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64))
+
+    def offset(self, key: int) -> int:
+        i = int(np.searchsorted(self.keys, key))
+        return int(self.offsets[i]) if i < len(self.keys) and self.keys[i] == key else 0
+
+    def ids(self, grid: VolumeGrid, raw: np.ndarray, t: int, z0: int) -> np.ndarray:
+        """Job-local ids (int64) of tile ``t``'s local pieces ``raw`` of slices z0.. (0 stays 0)."""
+        zs = range(z0, z0 + len(raw))
+        off = np.array([self.offset(unit_key(grid, z // grid.z_block, t, z % grid.z_block)) for z in zs],
+                       dtype=np.int64)
+        out = raw.astype(np.int64)
+        out += off[:, None, None]
+        out[raw == 0] = 0
+        return out
+
+    def to_global(self, ids: np.ndarray, global_offsets: np.ndarray) -> np.ndarray:
+        """Global ids of job-local ``ids`` (> 0) given the flat global unit offsets of the whole volume."""
+        ids = np.asarray(ids, np.int64)
+        i = np.searchsorted(self.offsets, ids, side="left") - 1
+        return global_offsets[self.keys[i]] + ids - self.offsets[i]

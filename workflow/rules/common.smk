@@ -34,3 +34,10 @@ def ingest_plan_json():
 # volume.smk
 def segment_markers(wildcards):
     return expand(f"{OUT}/jobs/volume_segment/{{batch}}.json", batch=batch_ids(wildcards))
+
+
+def edge_segment_markers(wildcards):
+    """The pass-1 markers of the blocks an edge job reads (a rerun of one segment batch redoes only these)."""
+    from pipeline_lib.steps.volume_plan import edge_inputs
+    batches = edge_inputs(load_plan(), wildcards.batch, CFG["volume"]["merge"]["max_gap"] + 1)
+    return expand(f"{OUT}/jobs/volume_segment/{{batch}}.json", batch=batches)

@@ -34,7 +34,7 @@ _per_method_resources()
 
 def method_targets(name):
     out = method_output(CFG, name)
-    return [f"{out}/summary.json"] + ([] if MULTI_VOLUME else [f"{out}/report.html", f"{out}/jobs/complete.json"])
+    return [f"{out}/summary.json", f"{out}/report.html", f"{out}/jobs/complete.json"]
 
 
 if "apg" in MULTI_METHODS:

@@ -1,10 +1,14 @@
-# Volumes (one OME-Zarr image with z > 1), in four passes over blocks of z_block slices x one yx tile:
+# Volumes (one OME-Zarr image with z > 1), in four passes over blocks of z_block slices x one yx tile; a job
+# (batch) is a range of volume.blocks_per_job blocks in (slab, tile) order:
 #   volume_segment (GPU unless AIS from `predictions`): 2D instances per slice x tile with halo (AIS with
 #                   volume.instances: stack also reads a z-halo of maps: foreground decided in 3D)
-#   volume_edges:   yx matches in the halo bands, z overlaps, piece sizes (needs every block of pass 1)
+#   volume_edges:   yx matches in the halo bands, z overlaps, piece sizes (needs the pass-1 blocks it reads)
 #   volume_merge:   one job: union of yx matches, 3D merge across slices, compact lookup table
 #   volume_relabel: apply the table, label pyramid per slab, per-object partial measurements
-# -> aggregate_volume: objects.parquet (3D properties) and summary.json
+# -> aggregate_volume: objects.parquet (3D properties, intensities per channel), the AnnData table next to the
+#    labels (tables/<labels.name>) and summary.json -> volume_report: report.html -> check_volume_complete:
+#    fails the run when blocks failed, after retiring their batches (a rerun redoes just those, README
+#    "Failures and resume")
 # Every job records its run time and peak memory under <output>/benchmarks/ (Snakemake `benchmark:`).
 
 
@@ -33,7 +37,7 @@ rule volume_segment:
 rule volume_edges:
     input:
         plan=f"{OUT}/plan.json",
-        segments=segment_markers,
+        segments=edge_segment_markers,
     output:
         f"{OUT}/jobs/volume_edges/{{batch}}.npz",
     benchmark:
@@ -88,7 +92,7 @@ rule volume_relabel:
             input.merge))
 
 
-localrules: aggregate_volume
+localrules: aggregate_volume, volume_report, check_volume_complete
 
 
 rule aggregate_volume:
@@ -109,3 +113,34 @@ rule aggregate_volume:
         logged(log, lambda: aggregate_volume(
             CFG, read_json_file(input.plan), read_json_file(input.model), input.segments, input.merge, input.tables,
             output.summary, output.objects))
+
+
+rule volume_report:
+    input:
+        summary=f"{OUT}/summary.json",
+        objects=f"{OUT}/objects.parquet",
+    output:
+        f"{OUT}/report.html",
+    params:
+        report=CFG["report"],
+    log:
+        f"{OUT}/logs/volume_report.log"
+    run:
+        from pipeline_lib.report.volume import run_volume_report
+        logged(log, lambda: run_volume_report(CFG, OUT, input.summary, input.objects))
+
+
+rule check_volume_complete:
+    input:
+        segments=segment_markers,  # a retired (missing) marker makes its batch and what follows run again
+        summary=f"{OUT}/summary.json",
+        report=f"{OUT}/report.html",
+    output:
+        f"{OUT}/jobs/complete.json",
+    params:
+        rerun_failed=CFG["batching"]["rerun_failed"],
+    log:
+        f"{OUT}/logs/check_volume_complete.log"
+    run:
+        from pipeline_lib.steps.volume_relabel import check_volume_complete
+        logged(log, lambda: check_volume_complete(CFG, OUT, output[0]))
