@@ -30,6 +30,10 @@ def _per_method_resources():
 
 
 _per_method_resources()
+# the modules' rules that run on the submit host (plates and volumes), by their prefixed names
+LOCAL_RULES = ("model", "plan", "aggregate", "report", "check_complete", "aggregate_volume", "volume_report",
+               "check_volume_complete")
+workflow.localrules(*(f"{m}_{r}" for m in MULTI_METHODS for r in LOCAL_RULES))
 
 
 def method_targets(name):
@@ -47,7 +51,6 @@ if "apg" in MULTI_METHODS:
 
     use rule * from apg exclude all as apg_*
 
-    localrules: apg_model, apg_plan, apg_aggregate, apg_report, apg_check_complete
 
 if "ais" in MULTI_METHODS:
 
@@ -59,7 +62,6 @@ if "ais" in MULTI_METHODS:
 
     use rule * from ais exclude all as ais_*
 
-    localrules: ais_model, ais_plan, ais_aggregate, ais_report, ais_check_complete
 
 if "amg" in MULTI_METHODS:
 
@@ -71,7 +73,6 @@ if "amg" in MULTI_METHODS:
 
     use rule * from amg exclude all as amg_*
 
-    localrules: amg_model, amg_plan, amg_aggregate, amg_report, amg_check_complete
 
 if "cellpose_sam" in MULTI_METHODS:
 
@@ -83,7 +84,6 @@ if "cellpose_sam" in MULTI_METHODS:
 
     use rule * from cellpose_sam exclude all as cellpose_sam_*
 
-    localrules: cellpose_sam_model, cellpose_sam_plan, cellpose_sam_aggregate, cellpose_sam_report, cellpose_sam_check_complete
 
 
 rule methods_index:
