@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/python -m pipeline_lib demo --out demo_data
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 # Benchmarks against micro-sam need it installed; it is not a dependency of the pipeline.
 bench-env: .venv-bench/.installed
