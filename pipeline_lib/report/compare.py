@@ -13,13 +13,12 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch, Rectangle
+from matplotlib.patches import Patch
 
 from ..io.ome_zarr import read_json
 from ..measure.summaries import read_csv
-from .heatmap import _label_axes, _mark_wells, _safe, figure_png, plate_heatmap, well_grid
+from .heatmap import _label_axes, _mark_wells, _safe, figure_png, plate_axes, plate_heatmap, well_grid
 from .html import esc, fmt, html_table, png_data_uri
 
 #: Wells listed under "disagree most".
@@ -46,12 +45,7 @@ def winner_heatmap(wells: pd.DataFrame, methods: Sequence[str], row_labels: Sequ
     code = wells["winner"].map(lambda w: codes.get(w, len(methods) if w == "tie" else np.nan))
     grid = well_grid(wells.assign(_code=code), "_code", row_labels, col_labels)
     n_r, n_c = grid.shape
-    cell = min(0.55, 10.0 / max(n_c, 1))
-    fig = Figure(figsize=(cell * n_c + 2.2, cell * n_r + 1.4), dpi=dpi)
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    ax.add_patch(Rectangle((-0.5, -0.5), n_c, n_r, facecolor="#d9d9d9", edgecolor="#a6a6a6", hatch="///",
-                           linewidth=0, zorder=0))
+    fig, ax = plate_axes(grid.shape, dpi)
     rgba = np.zeros((n_r, n_c, 4))
     for i, c in enumerate(colors):
         rgba[grid == i] = [int(c[k:k + 2], 16) / 255 for k in (1, 3, 5)] + [1.0]

@@ -94,6 +94,19 @@ def _outlier_flags(wells: pd.DataFrame) -> pd.Series:
     return wells["outlier"].map(lambda v: str(v).strip().lower() in ("true", "1", "1.0")).astype(bool)
 
 
+def plate_axes(shape: tuple[int, int], dpi: int):
+    """A figure sized for a plate grid of ``shape`` (rows, columns) and its axes, with every well hatched
+    grey underneath (wells without data stay so)."""
+    n_r, n_c = shape
+    cell = min(0.55, 10.0 / max(n_c, 1))
+    fig = Figure(figsize=(cell * n_c + 2.2, cell * n_r + 1.4), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.add_patch(Rectangle((-0.5, -0.5), n_c, n_r, facecolor="#d9d9d9", edgecolor="#a6a6a6", hatch="///",
+                           linewidth=0, zorder=0))
+    return fig, ax
+
+
 def plate_heatmap(wells: pd.DataFrame, value_column: str, row_labels: Sequence[str], col_labels: Sequence[str],
                   title: str, cmap: str = "viridis", unit_range: bool | None = None, dpi: int = 100) -> Figure:
     """A heatmap of ``wells[value_column]`` over the plate layout, with a colour bar.
@@ -103,12 +116,7 @@ def plate_heatmap(wells: pd.DataFrame, value_column: str, row_labels: Sequence[s
     """
     grid = well_grid(wells, value_column, row_labels, col_labels)
     n_r, n_c = grid.shape
-    cell = min(0.55, 10.0 / max(n_c, 1))
-    fig = Figure(figsize=(cell * n_c + 2.2, cell * n_r + 1.4), dpi=dpi)
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    ax.add_patch(Rectangle((-0.5, -0.5), n_c, n_r, facecolor="#d9d9d9", edgecolor="#a6a6a6", hatch="///",
-                           linewidth=0, zorder=0))
+    fig, ax = plate_axes(grid.shape, dpi)
     if unit_range is None:
         unit_range = value_column in UNIT_RANGE_COLUMNS
     finite = grid[np.isfinite(grid)]
