@@ -98,18 +98,9 @@ def run_volume(shape: tuple[int, int, int], bpj: int | None, tile: int, work: Pa
            "method": "ais", "tiling": {"tile": tile}}
     if bpj is not None:
         cfg["volume"] = {"blocks_per_job": bpj}
-    cfg_path = work / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    t_plan, _ = snakemake(work, cfg_path, "--until", "plan")
-    t_dry, out = snakemake(work, cfg_path, "--dry-run")
-    plan = json.loads((work / "out" / "plan.json").read_text())
-    counts = job_stats(out)
-    total = counts.pop("total", sum(counts.values()))
-    local = local_rules()
+    plan, stats = plan_and_count(work, cfg)
     return {"shape": shape, "blocks_per_job": bpj, "blocks": plan["n_slabs"] * plan["n_tiles"],
-            "batches": len(plan["batches"]), "jobs": total,
-            "cluster_jobs": total - sum(n for r, n in counts.items() if r in local), "per_rule": counts,
-            "plan_s": t_plan, "dry_run_s": t_dry}
+            "batches": len(plan["batches"]), **stats}
 
 
 def volume_main(args: argparse.Namespace, tmp: Path) -> None:
@@ -173,12 +164,8 @@ def snakemake(work: Path, cfg: Path, *extra: str) -> tuple[float, str]:
     return dt, out
 
 
-def run_method(method: str, fpj: int | None, plate: Path, model: dict, work: Path) -> dict:
-    work.mkdir(parents=True, exist_ok=True)
-    cfg = {"input": str(plate), "output": str(work / "out"), "method": method,
-           "model": {"checkpoint": model["checkpoint"], "decoder": model["decoder"], "device": "cpu"}}
-    if fpj is not None:
-        cfg["batching"] = {"fields_per_job": fpj}
+def plan_and_count(work: Path, cfg: dict) -> tuple[dict, dict]:
+    """Write ``cfg``, time the plan and the dry run, and count the jobs: (plan, job statistics)."""
     cfg_path = work / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     t_plan, _ = snakemake(work, cfg_path, "--until", "plan")
@@ -187,9 +174,19 @@ def run_method(method: str, fpj: int | None, plate: Path, model: dict, work: Pat
     counts = job_stats(out)
     total = counts.pop("total", sum(counts.values()))
     local = local_rules()
+    return plan, {"jobs": total, "cluster_jobs": total - sum(n for r, n in counts.items() if r in local),
+                  "per_rule": counts, "plan_s": t_plan, "dry_run_s": t_dry}
+
+
+def run_method(method: str, fpj: int | None, plate: Path, model: dict, work: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = {"input": str(plate), "output": str(work / "out"), "method": method,
+           "model": {"checkpoint": model["checkpoint"], "decoder": model["decoder"], "device": "cpu"}}
+    if fpj is not None:
+        cfg["batching"] = {"fields_per_job": fpj}
+    plan, stats = plan_and_count(work, cfg)
     return {"method": method, "fields_per_job": fpj, "fields": len(plan["fields"]), "batches": len(plan["batches"]),
-            "jobs": total, "cluster_jobs": total - sum(n for r, n in counts.items() if r in local),
-            "per_rule": counts, "plan_s": t_plan, "dry_run_s": t_dry}
+            **stats}
 
 
 def schema_default_fpj() -> int:
