@@ -73,8 +73,6 @@ def test_real_plate_from_oracle_predictions(oracle_plate, tmp_path):
                       labels={"name": "untiled"}), tmp_path / "a")
     run_workflow(dict(base, output=str(tmp_path / "tiled"), tiling={"tile": 128, "halo": 32},
                       labels={"name": "tiled"}), tmp_path / "b")
-    run_workflow(dict(base, output=str(tmp_path / "tiled2"), tiling={"tile": 128, "halo": 32},
-                      labels={"name": "tiled2"}), tmp_path / "c")
     summary = json.loads((tmp_path / "untiled" / "summary.json").read_text())
     assert summary["model"]["skipped"] is True
     scores = []
@@ -82,7 +80,6 @@ def test_real_plate_from_oracle_predictions(oracle_plate, tmp_path):
         untiled = _labels(plate, f["path"], "untiled")
         tiled = _labels(plate, f["path"], "tiled")
         assert msa(tiled, untiled) >= 0.99, f["path"]
-        assert np.array_equal(tiled, _labels(plate, f["path"], "tiled2")), f["path"]  # reproducible
         scores.append(msa(untiled, _gt(plate, f["path"])))
     assert len(scores) == 28
     assert np.mean(scores) >= 0.920, np.mean(scores)  # micro-sam's own AIS on these maps: 0.920

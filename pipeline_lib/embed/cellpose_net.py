@@ -120,16 +120,16 @@ def tile_input(image: Any, t: NetTile, lowhigh: np.ndarray, tile: int = TILE) ->
     return win
 
 
-def _stream(tasks: Sequence[FlowTask], halo: int, batch_size: int, pool: ThreadPoolExecutor
-            ) -> Iterator[list[tuple[FlowTask, NetTile, Any]]]:
-    """Batches of (task, tile, future input), prepared ahead on CPU threads."""
-    items = ((task, t) for task in tasks for t in net_tiles(task.image.shape, TILE, halo))
-    batch = []
-    for task, t in items:
-        batch.append((task, t, pool.submit(tile_input, task.image, t, task.lowhigh)))
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
+def _batches(tasks: Sequence[FlowTask], halo: int, batch_size: int) -> Iterator[list[tuple[FlowTask, NetTile]]]:
+    """The (task, tile) pairs of all tasks in network batches of ``batch_size`` (tiles of several fields
+    share a batch)."""
+    batch: list[tuple[FlowTask, NetTile]] = []
+    for task in tasks:
+        for t in net_tiles(task.image.shape, TILE, halo):
+            batch.append((task, t))
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
     if batch:
         yield batch
 
@@ -143,25 +143,49 @@ def run_tiles(net: torch.nn.Module, x: np.ndarray) -> np.ndarray:
 
 
 def predict_flows(net: torch.nn.Module, tasks: Sequence[FlowTask], halo: int = 32, batch_size: int = 8,
-                  progress: Callable[[int], None] | None = None) -> int:
+                  progress: Callable[[int], None] | None = None, clock: Any = None, times: Any = None,
+                  overlap: bool = True) -> int:
     """Write (dY, dX, cellprob) float16 for every task into ``task.out``; returns the number of tiles.
 
     ``net``: ``models.cellpose.load_cellpose_net(...)``. Each task's ``lowhigh`` is computed first if None.
+    Batches flow through ``engine.overlap.run_pipeline``: the tiles of the next batch are read and
+    normalised (two CPU threads) and the flows of the previous one written while the network runs on the
+    current one. ``clock`` (``DeviceClock``) times the network calls, ``times`` (``StageTimes``) the stages.
+    The first error of a batch is raised (after the pipeline stopped).
     """
+    import contextlib
+
+    from ..engine.overlap import run_pipeline
     for task in tasks:
         if task.lowhigh is None:
             task.lowhigh = field_lowhigh(task.image)
     net.eval()
-    n = 0
+    busy = clock.busy if clock is not None else contextlib.nullcontext
+
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for batch in _stream(tasks, halo, batch_size, pool):
-            y = run_tiles(net, np.stack([f.result() for _, _, f in batch]))
-            for (task, t, _), yt in zip(batch, y):
+        def read(batch: list) -> tuple[list, np.ndarray]:
+            return batch, np.stack(list(pool.map(lambda tt: tile_input(tt[0].image, tt[1], tt[0].lowhigh), batch)))
+
+        def device(st: tuple[list, np.ndarray]) -> tuple[list, np.ndarray]:
+            with busy():
+                return st[0], run_tiles(net, st[1])
+
+        def write(st: tuple[list, np.ndarray]) -> int:
+            for (task, t), yt in zip(*st):
                 src = tuple(slice(s.start - o, s.stop - o) for s, o in zip(t.block.inner, t.origin))
                 task.out[(slice(None),) + t.block.inner] = yt[(slice(None),) + src].astype(np.float16)
-            n += len(batch)
             if progress:
-                progress(len(batch))
+                progress(len(st[0]))
+            return len(st[0])
+
+        stages = [("read", read), ("device", device), ("write", write)]
+        n = 0
+        with contextlib.closing(run_pipeline(_batches(tasks, halo, batch_size), stages, depth=1, threaded=overlap,
+                                             times=times)) as outs:
+            for out in outs:
+                if out.error is not None:
+                    raise out.error
+                n += out.value
     return n
 
 

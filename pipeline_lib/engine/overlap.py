@@ -224,3 +224,58 @@ def run_pipeline(items: Iterable[Any], stages: Sequence[Stage], depth: int = 1, 
         stop.set()
         for t in threads:
             t.join()
+
+
+def run_staged_units(units: Sequence[tuple[str, Any]], start: Callable[[Any], Any], stages: Sequence[Stage],
+                     finish: Callable[[Any, Any], dict[str, Any]], desc: str, unit: str = "field",
+                     on_error: Callable[[Any, str], dict[str, Any]] | None = None, threaded: bool = True,
+                     times: StageTimes | None = None, max_in_flight: int | None = None) -> dict[str, dict[str, Any]]:
+    """``engine.runner.run_units`` for work split into ``stages`` that overlap across units: ``{key: status}``
+    for every ``(key, item)``. The first stage gets ``start(item)``; ``finish(item, value)`` (its own last
+    stage, e.g. the writes) returns the unit's status. The status protocol is run_units': an expected error
+    (``runner.UNIT_ERRORS``) in any stage becomes ``on_error(item, error)`` (default ``failed(error)``) and
+    one log line, anything else fails the job. ``seconds`` of a unit: the sum of its stages' times."""
+    import sys
+    import traceback
+
+    from tqdm import tqdm
+
+    from .runner import UNIT_ERRORS, debug, describe, failed, log_failure
+
+    units = list(units)
+
+    def timed(name: str, fn: Callable) -> Stage:
+        def run(box: dict) -> dict:
+            t0 = time.perf_counter()
+            box["value"] = fn(box["value"])
+            box["seconds"] += time.perf_counter() - t0
+            return box
+        return name, run
+
+    def last(box: dict) -> dict:
+        t0 = time.perf_counter()
+        s = finish(box["item"], box["value"])
+        return {**s, "seconds": round(box["seconds"] + time.perf_counter() - t0, 3)}
+
+    chain = [timed(n, f) for n, f in stages] + [("write", last)]
+    boxes = ({"item": item, "value": start(item), "seconds": 0.0} for _, item in units)
+    status: dict[str, dict[str, Any]] = {}
+    bar = tqdm(total=len(units), desc=desc, unit=unit, file=sys.stderr)
+    with bar, contextlib.closing(run_pipeline(boxes, chain, depth=1, threaded=threaded, times=times,
+                                              max_in_flight=max_in_flight)) as outs:
+        for out in outs:
+            if out.error is not None and (out.index < 0 or not isinstance(out.error, UNIT_ERRORS)):
+                raise out.error  # a bug, out of memory, or the unit list itself failed
+            key, item = units[out.index]
+            if out.error is not None:
+                if debug():
+                    traceback.print_exception(out.error)
+                err = describe(out.error)
+                s = on_error(item, err) if on_error else failed(err)
+            else:
+                s = out.value
+            if s.get("status") == "failed":
+                log_failure(desc, key, s.get("error", "no error given"))
+            status[key] = s
+            bar.update(1)
+    return status

@@ -159,6 +159,17 @@ def disagreement_table(wells: pd.DataFrame, pairs: Sequence[tuple], methods: Seq
             + html_table(w, cols, heads))
 
 
+def _plate_name(method_out: Path) -> str:
+    """The plate's name from a method's ``plate.csv`` (as that method's own report shows it), else "image"."""
+    import pandas as pd
+    path = method_out / "plate.csv"
+    if path.exists():
+        plate = pd.read_csv(path)
+        if len(plate) and isinstance(plate["plate"].iloc[0], str) and plate["plate"].iloc[0]:
+            return plate["plate"].iloc[0]
+    return "image"
+
+
 def write_comparison_report(out_dir: str | Path, methods: Sequence[str]) -> Path:
     """``<out_dir>/report.html`` of a run with several methods: the plate, the methods with their models and
     links to each method's own report (``methods/<method>/report.html``), and the "Methods side by side"
@@ -178,7 +189,7 @@ def write_comparison_report(out_dir: str | Path, methods: Sequence[str]) -> Path
         rows_html.append((m, f"model {esc(name)} \u00b7 {esc(fmt(s.get('n_objects', '')))} objects \u00b7 {link}"))
     table = "".join(f"<tr><td>{esc(k)}</td><td>{v}</td></tr>"
                     for k, v in [("Input", esc(first.get("input", "")))] + rows_html)
-    head = (f"<header><h1>Methods side by side \u2013 {esc(first.get('plate') or 'image')}</h1>"
+    head = (f"<header><h1>Methods side by side \u2013 {esc(_plate_name(out / 'methods' / methods[0]))}</h1>"
             f'<table class="meta">{table}</table></header>')
     body = head + comparison_section(out / "comparison", out / "report", rows, cols)
     doc = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Methods side by side</title>'

@@ -11,7 +11,6 @@ With ``predictions:`` set to such a store, only the mask step runs (no GPU, no m
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any
 
 import numpy as np
@@ -71,10 +70,11 @@ def flow_task(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]):
 
 
 def run_cellpose_predict_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, model_info: dict[str, Any],
-                               marker: str) -> dict[str, Any]:
+                               marker: str, overlap: bool = True) -> dict[str, Any]:
     """Flows of every field of ``batch``; the tiles of all fields share network batches. A field that fails
     (e.g. a corrupt chunk) is then redone alone so that it is reported by name and the others finish."""
     from ..embed.cellpose_net import TILE, net_tiles, predict_flows
+    from ..engine.overlap import DeviceClock, StageTimes, timing_line
     fields = [plan["fields"][i] for i in plan["batches"][batch]]
     c = cfg["cellpose"]
     net = load_net(model_info, cfg)
@@ -86,19 +86,19 @@ def run_cellpose_predict_batch(cfg: dict[str, Any], plan: dict[str, Any], batch:
 
     status = run_units([(f["key"], f) for f in fields], prepare, f"open {batch}")
     n_tiles = sum(len(net_tiles(t.image.shape, TILE, c["halo"])) for t in tasks)
-    t0 = time.perf_counter()
+    clock, times = DeviceClock(net.device), StageTimes()
     with tqdm(total=n_tiles, desc=f"cellpose {batch} ({net.device})", unit="tile", file=sys.stderr) as bar:
         try:
-            predict_flows(net, tasks, c["halo"], c["batch_size"], bar.update)
+            predict_flows(net, tasks, c["halo"], c["batch_size"], bar.update, clock, times, overlap)
         except UNIT_ERRORS:
             for task in tasks:  # one at a time: the failing field is named, the others are written
                 try:
-                    predict_flows(net, [task], c["halo"], c["batch_size"])
+                    predict_flows(net, [task], c["halo"], c["batch_size"], clock=clock, times=times, overlap=overlap)
                 except UNIT_ERRORS as e:
                     status[task.key] = {"status": "failed", "error": describe(e)}
-    seconds = time.perf_counter() - t0
-    timing = {"seconds": round(seconds, 3), "tiles": n_tiles, "tiles_per_s": round(n_tiles / max(seconds, 1e-9), 2)}
-    print(f"cellpose predict {batch}: {n_tiles} tiles in {seconds:.1f} s on {net.device}", file=sys.stderr)
+    timing = {**clock.report(times), "overlap": overlap, "tiles": n_tiles}
+    timing["tiles_per_s"] = round(n_tiles / max(timing["wall_s"], 1e-9), 2)
+    print(timing_line(f"cellpose predict {batch} ({n_tiles} tiles)", timing), file=sys.stderr)
     result = {"batch": batch, "device": str(net.device), "timing": timing, "fields": status}
     write_json_atomic(marker, result)
     return result
