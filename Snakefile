@@ -31,8 +31,7 @@ if MULTI:
 
     rule all:  # here, not in methods.smk: Snakemake takes the default target from the main Snakefile
         input:
-            [t for m in MULTI_METHODS for t in method_targets(m)] + [f"{OUT}/methods.json"] + (
-                [] if MULTI_VOLUME else [f"{OUT}/report.html"]),
+            [t for m in MULTI_METHODS for t in method_targets(m)] + [f"{OUT}/methods.json", f"{OUT}/report.html"],
         default_target: True
 
 else:

@@ -164,7 +164,10 @@ def methods_index(cfg: dict[str, Any], plans: dict[str, dict[str, Any]]) -> dict
     each method (``labels_by_method``), from the plans of the methods' runs."""
     fields: dict[str, dict[str, Any]] = {}
     for name, plan in plans.items():
-        for f in plan.get("fields", []):  # a volume's plan has no fields: its label image is in its summary
+        if plan.get("kind") == "volume":  # a volume is one "field" without a well (its one label image)
+            plan = {"fields": [{"key": "image", "path": "", "image": plan.get("input"), "plate": "", "well": "",
+                                "row": "", "column": "", "field": "", "labels": plan["labels"]}]}
+        for f in plan.get("fields", []):
             entry = fields.setdefault(f["key"], {k: f.get(k) for k in ("key", "path", "image", "plate", "well",
                                                                            "row", "column", "field")})
             entry.setdefault("labels_by_method", {}).update(f.get("labels_by_method") or {name: f["labels"]})

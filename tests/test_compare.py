@@ -328,3 +328,37 @@ def test_screenshot_shows_comparison(compare_report, compared, tmp_path):
         Image.fromarray(crop).save(docs, optimize=True)
         assert docs.stat().st_size > 10_000
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------- volumes
+def test_volume_methods_are_compared_as_one_image(tmp_path, tiny_model):
+    """Two methods on one volume (AIS and APG from the same oracle maps, APG with the tiny SAM; the passes
+    the rules run, in process): methods.json indexes the volume as one image, the comparison scores the
+    pair on the 3D label images, and report.html shows the pair table instead of plate maps."""
+    from pipeline_lib.io.synthetic_volume import write_synthetic_volume
+    from pipeline_lib.methods import method_config, methods_index
+    from pipeline_lib.report.compare import write_comparison_report
+    from pipeline_lib.testing.volume import run_volume_steps
+    write_synthetic_volume(tmp_path / "vol.ome.zarr", shape=(6, 80, 72), predictions=str(tmp_path / "pred.ome.zarr"),
+                           block=(6, 80, 72), chunk=40, channel_axis=False)
+    methods = ["ais", "apg"]
+    multi = validate_config({"input": str(tmp_path / "vol.ome.zarr"), "output": str(tmp_path / "out"),
+                             "method": methods, "model": {"checkpoint": tiny_model["checkpoint"], "device": "cpu"},
+                             "tiling": {"tile": 48, "halo": 16}, "volume": {"z_block": 4}})
+    plans = {}
+    for m in methods:  # each method's module config, with the oracle maps as its predictions
+        cfg = dict(method_config(multi, m), predictions=str(tmp_path / "pred.ome.zarr"))
+        summary = run_volume_steps(cfg)
+        assert summary["method"] == m and summary["n_objects"] > 0
+        plans[m] = json.loads(Path(cfg["output"], "plan.json").read_text())
+    index = methods_index(multi, plans)
+    assert [f["labels_by_method"] for f in index["fields"]] == [
+        {m: str(tmp_path / "vol.ome.zarr" / "labels" / f"sam_{m}") for m in methods}]
+    summary = run_compare(multi, index, methods, str(tmp_path / "out"))
+    assert summary["kind"] == "image" and summary["status_counts"] == {"ok": 1}
+    row = pd.read_csv(tmp_path / "out" / "comparison" / "agreement.csv").iloc[0]
+    a, b = (np.asarray(zarr.open_array(str(tmp_path / f"vol.ome.zarr/labels/sam_{m}/s0"), mode="r")) for m in methods)
+    assert a.ndim == 3 and np.isclose(row["msa_b_vs_a"], segmentation_scores(b, a)["msa"])  # 3D, b against a
+    html = write_comparison_report(tmp_path / "out", methods).read_text()
+    assert "<h1>Methods side by side \u2013 image</h1>" in html and "<h3>Agreement between methods</h3><table" in html
+    assert "heatmap_compare" not in html

@@ -119,6 +119,10 @@ def comparison_section(comp: str | Path, png_dir: str | Path, row_labels: Sequen
              "the other's as reference (mean of both directions; 1 = the same objects, 0 = no object matched "
              "at IoU \u2265 0.5). Low agreement points at wells to inspect, with or without ground truth.</p>",
              _cards(summary)]
+    if summary.get("kind") == "image":  # one image or volume: no wells to map, the pairs as a table
+        cols = ["method_a", "method_b", "status", "msa", "sa50", "msa_b_vs_a", "msa_a_vs_b", "n_a", "n_b", "error"]
+        parts.append("<h3>Agreement between methods</h3>" + html_table(agreement, cols) + "</section>")
+        return "".join(parts)
     if summary.get("ground_truth") and not wells.empty and "winner" in wells:
         specs = {f"compare_{s}_{m}": (f"{s}_{m}", f"{m}: {'mSA' if s == 'msa' else 'SA50'} against ground truth",
                                       f"n_failed_{m}") for s in ("msa", "sa50") for m in methods}

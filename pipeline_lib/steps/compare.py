@@ -82,8 +82,17 @@ def method_status(out_dir: str, methods: Sequence[str]) -> dict[str, dict[str, d
     out: dict[str, dict[str, dict[str, Any]] | None] = {}
     for m in methods:
         p = os.path.join(out_dir, "methods", m, "summary.json")
-        out[m] = {str(f.get("path", "")): f for f in read_json(p).get("fields", [])} if os.path.exists(p) else None
+        out[m] = _summary_status(read_json(p)) if os.path.exists(p) else None
     return out
+
+
+def _summary_status(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{field path: status} of a method's summary; a volume is the one field "" (failed if blocks failed)."""
+    if summary.get("kind") == "volume":
+        bad = summary.get("failed_blocks") or []
+        return {"": {"status": "failed", "error": f"{len(bad)} volume blocks failed ({', '.join(map(str, bad[:5]))})"}
+                if bad else {"status": "ok"}}
+    return {str(f.get("path", "")): f for f in summary.get("fields", [])}
 
 
 def _unavailable(cfg: dict[str, Any], f: dict[str, Any], method: str, status: dict | None
@@ -239,7 +248,9 @@ def comparison_summary(agreement: pd.DataFrame, accuracy: pd.DataFrame | None, w
             scores[m] = ({k: float(pd.to_numeric(r[k], errors="coerce").mean()) for k in ("msa", "sa50")}
                          if len(r) else None)
     winners = wells["winner"].value_counts().to_dict() if "winner" in wells else {}
+    single = len(agreement) > 0 and not agreement["well"].astype(str).replace("nan", "").any()
     return {"methods": list(methods), "pairs": [list(p) for p in method_pairs(methods)],
+            "kind": "image" if single else "plate",
             "ground_truth": accuracy is not None, "n_fields": int(agreement["path"].nunique()) if len(agreement) else 0,
             "status_counts": agreement["status"].value_counts().to_dict(), "agreement": pair_means,
             "accuracy": scores, "winners": {str(k): int(v) for k, v in winners.items() if k}}

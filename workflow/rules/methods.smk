@@ -13,7 +13,6 @@ localrules: methods_index, compare_report
 
 MAIN_SNAKEFILE = workflow.main_snakefile
 MULTI_METHODS = method_names(CFG)
-MULTI_VOLUME = input_is_volume(CFG["input"])
 
 
 def _per_method_resources():
@@ -99,7 +98,7 @@ rule methods_index:
 
 
 
-# The comparison of the methods (plates and 2D images): agreement per field and method pair, accuracy per
+# The comparison of the methods (plates, 2D images, volumes): agreement per field and method pair, accuracy per
 # method with ground truth, and <output>/report.html with the "Methods side by side" section and links to
 # each method's report (pipeline_lib/steps/compare.py, pipeline_lib/report/compare.py).
 rule compare:
