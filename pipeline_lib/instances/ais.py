@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 
 import bioimage_cpp as bic
 import numpy as np
+import scipy.ndimage as ndi
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -73,9 +74,15 @@ def ais_single(maps: np.ndarray, p: AISParams) -> np.ndarray:
     return out
 
 
-def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    lab = bic.segmentation.label(np.ascontiguousarray(mask, dtype=bool))
-    return lab, int(lab.max()) if lab.size else 0
+def _label(mask: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """Connected components (full connectivity), numbered in row-major order of their first pixel: the
+    labels of ``bioimage_cpp.segmentation.label`` (micro-sam's call), from scipy's, which is several times
+    faster on dense masks and writes into ``out`` (an int32 or uint32 array of the mask's shape)."""
+    mask = np.asarray(mask, dtype=bool)
+    if out is None:
+        out = np.empty(mask.shape, np.int32)
+    n = ndi.label(mask, structure=np.ones((3,) * mask.ndim, bool), output=out.view(np.int32))
+    return out, int(n)
 
 
 def _half_offsets(ndim: int) -> list[tuple[int, ...]]:
@@ -164,8 +171,19 @@ class _GlobalIds:
         return np.unique(np.concatenate(edges), axis=0) if edges else np.zeros((0, 2), dtype=np.int64)
 
 
-def _components(n: int, edges: np.ndarray) -> np.ndarray:
-    """Map ids 1..n to consecutive component ids 1..k (order of first id), 0 stays 0."""
+def _first_pixels(lab: np.ndarray, n: int, origin: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """Row-major index in the field (``shape``) of the first pixel of labels 1..n of a block at ``origin``
+    (labels numbered by first pixel, so the block's order is the field's order among them)."""
+    flat = lab.ravel()
+    nz = np.flatnonzero(flat)
+    _, first = np.unique(flat[nz], return_index=True)
+    local = np.unravel_index(nz[first], lab.shape)
+    return np.ravel_multi_index(tuple(c + o for c, o in zip(local, origin)), tuple(shape)).astype(np.int64)
+
+
+def _components(n: int, edges: np.ndarray, key: np.ndarray | None = None) -> np.ndarray:
+    """Map ids 1..n to consecutive component ids 1..k, 0 stays 0: numbered in the order of their smallest
+    ``key`` (keys of ids 1..n; the id itself when None), i.e. of their first pixel when ``key`` is it."""
     mapping = np.zeros(n + 1, dtype=np.int64)
     if n == 0:
         return mapping
@@ -176,8 +194,8 @@ def _components(n: int, edges: np.ndarray) -> np.ndarray:
     else:
         comp = np.arange(n)
     # renumber components by their smallest member so the order follows the scan order of the seeds
-    first = np.full(comp.max() + 1, n, dtype=np.int64)
-    np.minimum.at(first, comp, np.arange(n))
+    first = np.full(comp.max() + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, comp, np.arange(n) if key is None else key)
     order = np.argsort(first, kind="stable")
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
@@ -288,8 +306,9 @@ def ais_blockwise(maps: Any, out: Any, p: AISParams, block: int | Sequence[int],
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(ThreadPoolExecutor(threads)) if threads > 1 else None
         run = pool.map if pool is not None else map
-        if len(blocks) == 1:
-            ws = _untiled(maps, out, p, shape, reach, threads, run, step, clock)
+        if len(blocks) == 1 or scratch is None:  # in memory: banded seeds, blockwise watershed
+            ws = _untiled(maps, out, p, shape, reach, threads, run, step, clock,
+                          None if len(blocks) == 1 else blocks)
         else:
             if scratch is None:  # local labels of one block: uint32 is plenty
                 scratch = np.zeros(shape, dtype=np.uint32)
@@ -323,8 +342,10 @@ def _face_edges(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
     return np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
 
 
-def _untiled(maps, out, p, shape, reach, threads, run, step, clock) -> _Watershed:
-    """The one-block path: banded smoothing, thresholds and seed labels, one watershed (see ais_blockwise)."""
+def _untiled(maps, out, p, shape, reach, threads, run, step, clock, ws_blocks=None) -> _Watershed:
+    """The in-memory path: banded smoothing, thresholds and seed labels over the whole field (the untiled
+    values and seed ids), then one watershed, or with ``ws_blocks`` one per block with its halo on the pool
+    (see ais_blockwise)."""
     bands = _bands(shape, threads, reach)
     rest = tuple(slice(0, s) for s in shape[1:])
     fg_mask = np.empty(shape, bool)
@@ -336,16 +357,12 @@ def _untiled(maps, out, p, shape, reach, threads, run, step, clock) -> _Watershe
         lo, hi = max(a - reach, 0), min(b + reach, shape[0])
         raw = _maps_at(maps, (slice(lo, hi),) + rest)
         inner = slice(a - lo, b - lo)
-        fg = _smooth(raw[0], p.foreground_smoothing)[inner]
-        center = _smooth(raw[1], p.distance_smoothing)[inner]
+        np.greater(_smooth(raw[0], p.foreground_smoothing)[inner], p.foreground_threshold, out=fg_mask[a:b])
         np.copyto(hmap[a:b], _smooth(raw[2], p.distance_smoothing)[inner])
-        np.greater(fg, p.foreground_threshold, out=fg_mask[a:b])
-        seed = (center < p.center_distance_threshold) & (hmap[a:b] < p.boundary_distance_threshold) & fg_mask[a:b]
-        lab, n = _label(seed)
-        if n >= 2**32:
-            raise ValueError(f"{n} seeds in one band: too many for uint32 markers")
-        labels[a:b] = lab
-        return n
+        seed = np.less(_smooth(raw[1], p.distance_smoothing)[inner], p.center_distance_threshold)
+        seed &= fg_mask[a:b]
+        seed &= hmap[a:b] < p.boundary_distance_threshold
+        return _label(seed, labels[a:b])[1]
 
     counts = list(run(seeds_of, bands))
     step("seeds", 0)
@@ -375,15 +392,29 @@ def _untiled(maps, out, p, shape, reach, threads, run, step, clock) -> _Watershe
     if len(bands) > 1:
         list(run(markers_of, enumerate(bands)))
     clock.lap("merge seeds")
-    ws = bic.segmentation.watershed(hmap, markers=labels, mask=fg_mask)
-    clock.lap("watershed")
-    out[tuple(slice(0, s) for s in shape)] = ws
     sizes = np.zeros(n_ws + 1, dtype=np.int64)
     csum = np.zeros((len(shape), n_ws + 1))
-    for part in run(lambda blk: _sums(ws[blk.inner], [s.start for s in blk.inner]), bands):
-        _add_sums(sizes, csum, part)
-    step("watershed", 0)
-    clock.lap("write+sums")
+    if ws_blocks is None:
+        ws = bic.segmentation.watershed(hmap, markers=labels, mask=fg_mask)
+        clock.lap("watershed")
+        out[tuple(slice(0, s) for s in shape)] = ws
+        for part in run(lambda blk: _sums(ws[blk.inner], [s.start for s in blk.inner]), bands):
+            _add_sums(sizes, csum, part)
+        step("watershed", 0)
+        clock.lap("write+sums")
+    else:
+        out_w = _Writes(out, ws_blocks[0].inner_shape)
+
+        def watershed_of(blk: Block) -> tuple[int, np.ndarray, np.ndarray]:
+            o = blk.outer
+            ws = bic.segmentation.watershed(hmap[o], markers=labels[o], mask=fg_mask[o])[blk.inner_local]
+            out_w[blk.inner] = ws
+            return _sums(ws, [s.start for s in blk.inner])
+
+        for i, part in enumerate(run(watershed_of, ws_blocks)):
+            _add_sums(sizes, csum, part)
+            step("watershed", i)
+        clock.lap("watershed+sums")
     # the markers array is free now: it holds the band labels of the rescue pass
     return _Watershed(bands, bands[0].inner_shape, labels, labels, n_ws, sizes, csum,
                       lambda blk: fg_mask[blk.inner])
@@ -427,16 +458,18 @@ def _tiled(maps, out, p, blocks, block, shape, scratch, run, step, cache_bytes, 
             if budget[0] >= nbytes:
                 budget[0] -= nbytes
                 cache[blk.index] = (fg_mask, boundary)
-        return n
+        return n, _first_pixels(lab, n, [s.start for s in blk.inner], shape)
 
     seeds = _GlobalIds(scratch, blocks, block)
-    counts = {}
-    for i, (blk, n) in enumerate(zip(blocks, run(seeds_of, blocks))):
+    counts, firsts = {}, []
+    for i, (blk, (n, first)) in enumerate(zip(blocks, run(seeds_of, blocks))):
         counts[blk.index] = n
+        firsts.append(first)
         step("seeds", i)
     clock.lap("smooth+seeds")
     n_seeds = seeds.set_counts(counts)
-    seed_map = _components(n_seeds, seeds.merge_edges(shape))
+    # seeds numbered by their first pixel in the field, as the in-memory path numbers them
+    seed_map = _components(n_seeds, seeds.merge_edges(shape), np.concatenate(firsts))
     n_ws = int(seed_map.max())
     # the watershed runs faster on 32-bit markers; labels are the same for any marker dtype
     marker_dtype = np.uint32 if n_ws < 2**32 else np.uint64
@@ -498,11 +531,11 @@ def _finish(out, p, w: _Watershed, shape, run, step, clock) -> dict[str, Any]:
         def unseeded_of(blk):
             lab, n = _label(w.inner_fg(blk) & (np.asarray(out[blk.inner]) == 0))
             w.scratch_w[blk.inner] = lab.astype(w.scratch.dtype, copy=False)
-            return n
+            return n, _first_pixels(lab, n, [s.start for s in blk.inner], shape)
 
-        counts = {blk.index: n for blk, n in zip(blocks, run(unseeded_of, blocks))}
-        n_rest = rest.set_counts(counts)
-        rest_map = _components(n_rest, rest.merge_edges(shape))
+        parts = list(run(unseeded_of, blocks))
+        n_rest = rest.set_counts({blk.index: n for blk, (n, _) in zip(blocks, parts)})
+        rest_map = _components(n_rest, rest.merge_edges(shape), np.concatenate([f for _, f in parts]))
         n_rescued = int(rest_map.max())
         rest_sizes = np.zeros(n_rescued + 1, dtype=np.int64)
         rest_csum = np.zeros((ndim, n_rescued + 1))
