@@ -308,7 +308,7 @@ def ais_blockwise(maps: Any, out: Any, p: AISParams, block: int | Sequence[int],
         run = pool.map if pool is not None else map
         if len(blocks) == 1 or scratch is None:  # in memory: banded seeds, blockwise watershed
             ws = _untiled(maps, out, p, shape, reach, threads, run, step, clock,
-                          None if len(blocks) == 1 else blocks)
+                          None if len(blocks) == 1 else block_grid(shape, _even(shape, block), halo_t))
         else:
             if scratch is None:  # local labels of one block: uint32 is plenty
                 scratch = np.zeros(shape, dtype=np.uint32)
@@ -316,6 +316,12 @@ def ais_blockwise(maps: Any, out: Any, p: AISParams, block: int | Sequence[int],
         res = _finish(out, p, ws, shape, run, step, clock)
     res["timings"] = clock.split
     return res
+
+
+def _even(shape: Sequence[int], block: Sequence[int]) -> tuple[int, ...]:
+    """The block that splits each axis into as many blocks as ``block`` does, of near-equal size (a
+    696-pixel axis in 512-pixel blocks: two of 348, not 512 and 184), so that the pool is evenly loaded."""
+    return tuple(-(-s // -(-s // b)) for s, b in zip(shape, block))
 
 
 def _maps_at(maps: Any, region: tuple[slice, ...], channel: Any = slice(None)) -> np.ndarray:
@@ -386,8 +392,9 @@ def _untiled(maps, out, p, shape, reach, threads, run, step, clock, ws_blocks=No
         k, blk = k_blk
         a, b = blk.inner[0].start, blk.inner[0].stop
         lut = seed_map[offsets[k]:offsets[k] + counts[k] + 1].astype(np.uint32)
-        lut[0] = 0
-        labels[a:b] = np.take(lut, labels[a:b])
+        band = labels[a:b].reshape(-1)  # a view: bands are whole planes
+        nz = np.flatnonzero(band)  # seeds are a few percent of the pixels: look up only those
+        band[nz] = lut[band[nz]]
 
     if len(bands) > 1:
         list(run(markers_of, enumerate(bands)))
