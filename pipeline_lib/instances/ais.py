@@ -231,7 +231,7 @@ def _sums(ids: np.ndarray, origin: Sequence[int]) -> tuple[int, np.ndarray, np.n
     """(lowest id, pixel counts, coordinate sums per axis) of the non-zero ids of a block whose first pixel
     is at ``origin``; the counts cover ids lo..max only, so memory follows the block, not the field."""
     flat = ids.ravel()
-    nz = np.flatnonzero(flat != 0)
+    nz = np.flatnonzero(flat)
     if not len(nz):
         return 0, np.zeros(0, np.int64), np.zeros((ids.ndim, 0))
     v = flat[nz].astype(np.int64)
@@ -440,22 +440,31 @@ def _untiled(maps, out, p, shape, reach, threads, run, step, clock, ws_blocks) -
     clock.lap("merge seeds")
     sizes = np.zeros(n_ws + 1, dtype=np.int64)
     csum = np.zeros((len(shape), n_ws + 1))
+    whole = None
+    if len(ws_blocks) == 1:  # untiled: one watershed, then the labels written and summed per band
+        multi = comp == _MULTI
+        whole = bic.segmentation.watershed(hmap, markers=labels, mask=multi) if multi.any() else comp
+        ws_blocks = bands
+        clock.lap("watershed")
     out_w = _Writes(out, ws_blocks[0].inner_shape)
 
     def watershed_of(blk: Block) -> tuple[int, np.ndarray, np.ndarray]:
-        o, il = blk.outer, blk.inner_local
-        multi = comp[o] == _MULTI
         ids = comp[blk.inner]
-        if multi[il].any():
-            ws = bic.segmentation.watershed(hmap[o], markers=labels[o], mask=multi)[il]
-            ids = np.where(multi[il], ws, ids)
+        if whole is not None:
+            ids = np.where(multi[blk.inner], whole[blk.inner], ids)
+        else:
+            o, il = blk.outer, blk.inner_local
+            multi_o = comp[o] == _MULTI
+            if multi_o[il].any():
+                ws = bic.segmentation.watershed(hmap[o], markers=labels[o], mask=multi_o)[il]
+                ids = np.where(multi_o[il], ws, ids)
         out_w[blk.inner] = ids
         return _sums(ids, [s.start for s in blk.inner])
 
     for i, part in enumerate(run(watershed_of, ws_blocks)):
         _add_sums(sizes, csum, part)
         step("watershed", i)
-    clock.lap("watershed+sums")
+    clock.lap("write+sums" if whole is not None else "watershed+sums")
     # the markers array is free now: it holds the band labels of the rescue pass
     return _Watershed(bands, bands[0].inner_shape, labels, labels, n_ws, sizes, csum,
                       lambda blk: fg_mask[blk.inner])
