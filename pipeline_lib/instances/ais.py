@@ -7,7 +7,8 @@ inner part. Small objects are dropped and ids made consecutive with one global l
 
 - in memory (``scratch`` None, the segment step's fields up to 64 Mpx): smoothing, thresholds and seed
   labels run on row bands (whole planes of the first axis) on the pool, which reproduces the full-image
-  values and labels bit for bit; the watershed then runs per block (evened, see ``_even``) on the pool.
+  values and labels bit for bit; the watershed then runs per block (evened, see ``_even``) on the pool,
+  over the foreground components with several seeds only (one with a single seed id is that id).
 - block by block (a ``scratch`` array, for fields too large for memory): each block's maps are smoothed
   over the block plus halo (kept for the watershed pass within ``cache_bytes``), seeds are labelled per
   block and made global (compact offsets, union of components that touch across block faces).
@@ -15,8 +16,9 @@ inner part. Small objects are dropped and ids made consecutive with one global l
 In both, seeds are numbered by their first pixel in the field (row-major), the order of the untiled labels,
 so tiled labels are the untiled ones id for id wherever the halo covers the watershed's reach (on the real
 plate and the DSB mosaic of ``bench/ais.py`` at 512/64 and 128/32). With one block the labels are exactly
-micro-sam's ``InstanceSegmentationWithDecoder.generate`` (same library calls, one watershed over the field;
-the labelling is scipy's, which gives ``bioimage_cpp.segmentation.label``'s ids several times faster).
+micro-sam's ``InstanceSegmentationWithDecoder.generate`` (same smoothing and watershed calls, one watershed
+over the field's multi-seed components, which floods each component as the whole-field call does; the
+labelling is scipy's, which gives ``bioimage_cpp.segmentation.label``'s ids several times faster).
 Unlike micro-sam's tiled AIS, inputs are never modified (micro-sam smooths the maps in place while still
 reading them), and its tiled result differs from its untiled one where ours does not.
 
@@ -297,8 +299,9 @@ def ais_blockwise(maps: Any, out: Any, p: AISParams, block: int | Sequence[int],
     (the first axis) on the pool: a Gaussian over a band plus ``smoothing_reach`` rows gives the full-image
     values bit for bit (unlike a crop along the last axis, whose SIMD alignment changes the rounding), and
     band labels merged across the band faces and numbered by first pixel are the full-image labels; then the
-    watershed runs per block with its halo on the pool (memory: 9 bytes per pixel of the field), or with one
-    block once on the whole field, so that the labels are micro-sam's untiled ones. Returns the object statistics (``label``,
+    watershed runs per block with its halo on the pool (memory: 13 bytes per pixel of the field), or with
+    one block once on the whole field, so that the labels are micro-sam's untiled ones. Only foreground
+    components with several seeds are flooded (see ``_in_memory``). Returns the object statistics (``label``,
     ``area``, ``centroid`` per axis), the number of objects and ``timings`` (wall seconds per stage).
     """
     shape = tuple(out.shape)
@@ -316,11 +319,9 @@ def ais_blockwise(maps: Any, out: Any, p: AISParams, block: int | Sequence[int],
         pool = stack.enter_context(ThreadPoolExecutor(threads)) if threads > 1 else None
         run = pool.map if pool is not None else map
         if len(blocks) == 1 or scratch is None:  # in memory: banded seeds, blockwise watershed
-            ws = _untiled(maps, out, p, shape, reach, threads, run, step, clock,
+            ws = _in_memory(maps, out, p, shape, reach, threads, run, step, clock,
                           block_grid(shape, _even(shape, block), halo_t))
         else:
-            if scratch is None:  # local labels of one block: uint32 is plenty
-                scratch = np.zeros(shape, dtype=np.uint32)
             ws = _tiled(maps, out, p, blocks, block, shape, scratch, run, step, cache_bytes, clock)
         res = _finish(out, p, ws, shape, run, step, clock)
     res["timings"] = clock.split
@@ -338,7 +339,7 @@ def _maps_at(maps: Any, region: tuple[slice, ...], channel: Any = slice(None)) -
 
 
 def _bands(shape: Sequence[int], threads: int, reach: int) -> list[Block]:
-    """Row bands (whole planes of the first axis) for the untiled path: two per thread, none thinner than
+    """Row bands (whole planes of the first axis) for the in-memory path: two per thread, none thinner than
     a few smoothing reaches (each band smooths ``reach`` extra rows on either side)."""
     n = max(1, min(2 * threads if threads > 1 else 1, shape[0] // (8 * reach)))
     return block_grid(shape, (-(-shape[0] // n),) + tuple(shape[1:]), 0)
@@ -360,7 +361,7 @@ def _face_edges(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
 _MULTI = np.uint32(2**32 - 1)  # class code of a foreground component with several seeds (the watershed's work)
 
 
-def _untiled(maps, out, p, shape, reach, threads, run, step, clock, ws_blocks) -> _Watershed:
+def _in_memory(maps, out, p, shape, reach, threads, run, step, clock, ws_blocks) -> _Watershed:
     """The in-memory path: banded smoothing, thresholds and seed labels over the whole field (the untiled
     values and seed ids), then the watershed per block of ``ws_blocks`` with its halo on the pool (see
     ais_blockwise).
