@@ -22,9 +22,10 @@ labelling is scipy's, which gives ``bioimage_cpp.segmentation.label``'s ids seve
 Unlike micro-sam's tiled AIS, inputs are never modified (micro-sam smooths the maps in place while still
 reading them), and its tiled result differs from its untiled one where ours does not.
 
-Where the time goes (``bench/ais.py --profile``): the watershed is about half, the three Gaussians about a
-third; both are single-threaded library calls, so the speed comes from running bands and blocks on all
-the job's threads (``threads``; they release the GIL) and from smoothing each map once per field. The
+Where the time goes (``bench/ais.py --profile``): the three Gaussians are the largest stage, then the
+watershed of the multi-seed components; both are single-threaded library calls, so the speed comes from
+running bands and blocks on all the job's threads (``threads``; they release the GIL), from smoothing each
+map once per field and from flooding only the components that need it. The
 post-processing block is the segment step's ``ais.block``, not the network tile: the maps are stitched
 before AIS runs, and a watershed block with a halo costs more per pixel the smaller it is.
 
