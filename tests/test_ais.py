@@ -48,17 +48,16 @@ def test_untiled_equals_micro_sam_reference(params):
 
 @pytest.mark.parametrize("block,halo", [(128, 32), (100, 40), (64, 16)])
 def test_tiled_agrees_with_untiled(block, halo):
+    """In memory (banded seeds, blockwise watershed) and block by block through a scratch array (seeds per
+    block), tiled labels are the untiled ones, ids included (seeds are numbered by their first pixel)."""
     maps, _ = noisy_maps((300, 420), seed=2)
     p = AISParams(min_size=10)
     full = ais_single(maps, p)
-    out = np.zeros(full.shape, np.uint32)
-    ais_blockwise(maps, out, p, block=block, halo=halo)
-    assert msa(out, full) >= 0.99
-    again = np.zeros(full.shape, np.uint32)
-    ais_blockwise(maps, again, p, block=block, halo=halo)
-    assert np.array_equal(out, again)  # reproducible
-    # ids are consecutive
-    assert set(np.unique(out)) == set(range(int(out.max()) + 1))
+    for scratch in (None, np.zeros(full.shape, np.uint64)):
+        out = np.zeros(full.shape, np.uint32)
+        ais_blockwise(maps, out, p, block=block, halo=halo, scratch=scratch, threads=2)
+        assert np.array_equal(out, full)
+        assert set(np.unique(out)) == set(range(int(out.max()) + 1))  # ids are consecutive
 
 
 def test_seed_crossing_block_corner_is_one_object():
@@ -123,6 +122,8 @@ def test_real_plate_tiled_vs_untiled(real_plate):
         full = ais_single(maps, AISParams())
         out = np.zeros(full.shape, np.uint32)
         ais_blockwise(maps, out, AISParams(), block=128, halo=32)
+        assert np.array_equal(out, full), path
+        ais_blockwise(maps, out, AISParams(), block=128, halo=32, scratch=np.zeros(full.shape, np.uint32))
         assert msa(out, full) >= 0.99, path
 
 
@@ -174,3 +175,20 @@ def test_threaded_zarr_writes_unaligned_chunks(tmp_path):
     scratch = zarr.create_array(str(tmp_path / "s.zarr"), shape=ref.shape, chunks=(64, 64), dtype="uint64")
     ais_blockwise(maps, out, AISParams(), block=48, halo=16, scratch=scratch, threads=4)
     assert np.array_equal(out[:], ref)
+
+
+def test_segment_step_blocks_by_ais_block():
+    """The segment step post-processes in ais.block blocks (null: tiling.tile), the labels unchanged."""
+    from pipeline_lib.config import validate_config
+    from pipeline_lib.steps.segment import ais_instances
+    maps, _ = noisy_maps((300, 420), seed=7)
+    outs, n_blocks = [], []
+    for block in (64, None):
+        cfg = validate_config({"input": "-", "output": "-", "tiling": {"tile": 128, "halo": 16},
+                               "ais": {"block": block}})
+        out, steps = np.zeros(maps.shape[1:], np.uint32), []
+        ais_instances(cfg, maps, out, None, lambda name, i, steps=steps: steps.append(name), threads=2)
+        outs.append(out)
+        n_blocks.append(steps.count("watershed"))
+    assert n_blocks == [5 * 7, 3 * 4]
+    assert outs[0].max() > 10 and np.array_equal(outs[0], outs[1])

@@ -1,22 +1,33 @@
 """AIS (micro-sam's automatic instance segmentation) on decoder maps, computed block by block.
 
-Per block (inner region + halo) the maps are smoothed (foreground sigma 1.0, distances sigma 1.6), the
-foreground mask is ``fg > t_fg`` and the seeds are connected components of
-``(center < t_c) & (boundary < t_b) & mask``. Seeds are labelled globally (per-block labels, compact
-offsets, union of components that touch across block faces); the seeded watershed on the smoothed
-boundary distance then runs on each block with its halo and global seed ids and writes its inner part.
-Small objects are dropped and ids made consecutive with one global lookup table.
+The maps are smoothed (foreground sigma 1.0, distances sigma 1.6), the foreground mask is ``fg > t_fg`` and
+the seeds are connected components of ``(center < t_c) & (boundary < t_b) & mask``; the seeded watershed on
+the smoothed boundary distance then runs on each block with its halo and global seed ids and writes its
+inner part. Small objects are dropped and ids made consecutive with one global lookup table. Two paths:
 
+- in memory (``scratch`` None, the segment step's fields up to 64 Mpx): smoothing, thresholds and seed
+  labels run on row bands (whole planes of the first axis) on the pool, which reproduces the full-image
+  values and labels bit for bit; the watershed then runs per block (evened, see ``_even``) on the pool,
+  over the foreground components with several seeds only (one with a single seed id is that id).
+- block by block (a ``scratch`` array, for fields too large for memory): each block's maps are smoothed
+  over the block plus halo (kept for the watershed pass within ``cache_bytes``), seeds are labelled per
+  block and made global (compact offsets, union of components that touch across block faces).
+
+In both, seeds are numbered by their first pixel in the field (row-major), the order of the untiled labels,
+so tiled labels are the untiled ones id for id wherever the halo covers the watershed's reach (on the real
+plate and the DSB mosaic of ``bench/ais.py`` at 512/64 and 128/32). With one block the labels are exactly
+micro-sam's ``InstanceSegmentationWithDecoder.generate`` (same smoothing and watershed calls, one watershed
+over the field's multi-seed components, which floods each component as the whole-field call does; the
+labelling is scipy's, which gives ``bioimage_cpp.segmentation.label``'s ids several times faster).
 Unlike micro-sam's tiled AIS, inputs are never modified (micro-sam smooths the maps in place while still
-reading them), so results are reproducible and agree with the untiled result up to the reach of the halo.
-With one block the labels are exactly micro-sam's ``InstanceSegmentationWithDecoder.generate`` (same
-library calls; the smoothing, thresholds and seed labels run on row bands in parallel, which reproduces the
-full-image values and labels bit for bit, then one watershed over the field).
+reading them), and its tiled result differs from its untiled one where ours does not.
 
-Where the time goes (``bench/ais.py --profile``): the seeded watershed over each block plus its halo is over
-half, the three Gaussians about a third. Each block's maps are smoothed once (kept for the watershed pass
-within ``cache_bytes``), the center map only over the inner rows plus the reach, and the global seed ids are
-written over the local ones once, so that a block's markers are one read of its outer region.
+Where the time goes (``bench/ais.py --profile``): the three Gaussians are the largest stage, then the
+watershed of the multi-seed components; both are single-threaded library calls, so the speed comes from
+running bands and blocks on all the job's threads (``threads``; they release the GIL), from smoothing each
+map once per field and from flooding only the components that need it. The
+post-processing block is the segment step's ``ais.block``, not the network tile: the maps are stitched
+before AIS runs, and a watershed block with a halo costs more per pixel the smaller it is.
 
 Option ``keep_unseeded`` (ours, off by default): foreground components that received no seed become objects
 of their own. micro-sam's smoothing removes the seeds of small objects, which are then lost entirely.
@@ -34,6 +45,7 @@ from typing import Any, Callable, Sequence
 
 import bioimage_cpp as bic
 import numpy as np
+import scipy.ndimage as ndi
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -73,9 +85,15 @@ def ais_single(maps: np.ndarray, p: AISParams) -> np.ndarray:
     return out
 
 
-def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    lab = bic.segmentation.label(np.ascontiguousarray(mask, dtype=bool))
-    return lab, int(lab.max()) if lab.size else 0
+def _label(mask: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """Connected components (full connectivity), numbered in row-major order of their first pixel: the
+    labels of ``bioimage_cpp.segmentation.label`` (micro-sam's call), from scipy's, which is several times
+    faster on dense masks and writes into ``out`` (an int32 or uint32 array of the mask's shape)."""
+    mask = np.asarray(mask, dtype=bool)
+    if out is None:
+        out = np.empty(mask.shape, np.int32)
+    n = ndi.label(mask, structure=np.ones((3,) * mask.ndim, bool), output=out.view(np.int32))
+    return out, int(n)
 
 
 def _half_offsets(ndim: int) -> list[tuple[int, ...]]:
@@ -164,8 +182,19 @@ class _GlobalIds:
         return np.unique(np.concatenate(edges), axis=0) if edges else np.zeros((0, 2), dtype=np.int64)
 
 
-def _components(n: int, edges: np.ndarray) -> np.ndarray:
-    """Map ids 1..n to consecutive component ids 1..k (order of first id), 0 stays 0."""
+def _first_pixels(lab: np.ndarray, n: int, origin: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """Row-major index in the field (``shape``) of the first pixel of labels 1..n of a block at ``origin``
+    (labels numbered by first pixel, so the block's order is the field's order among them)."""
+    flat = lab.ravel()
+    nz = np.flatnonzero(flat)
+    _, first = np.unique(flat[nz], return_index=True)
+    local = np.unravel_index(nz[first], lab.shape)
+    return np.ravel_multi_index(tuple(c + o for c, o in zip(local, origin)), tuple(shape)).astype(np.int64)
+
+
+def _components(n: int, edges: np.ndarray, key: np.ndarray | None = None) -> np.ndarray:
+    """Map ids 1..n to consecutive component ids 1..k, 0 stays 0: numbered in the order of their smallest
+    ``key`` (keys of ids 1..n; the id itself when None), i.e. of their first pixel when ``key`` is it."""
     mapping = np.zeros(n + 1, dtype=np.int64)
     if n == 0:
         return mapping
@@ -176,8 +205,8 @@ def _components(n: int, edges: np.ndarray) -> np.ndarray:
     else:
         comp = np.arange(n)
     # renumber components by their smallest member so the order follows the scan order of the seeds
-    first = np.full(comp.max() + 1, n, dtype=np.int64)
-    np.minimum.at(first, comp, np.arange(n))
+    first = np.full(comp.max() + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, comp, np.arange(n) if key is None else key)
     order = np.argsort(first, kind="stable")
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
@@ -205,7 +234,7 @@ def _sums(ids: np.ndarray, origin: Sequence[int]) -> tuple[int, np.ndarray, np.n
     """(lowest id, pixel counts, coordinate sums per axis) of the non-zero ids of a block whose first pixel
     is at ``origin``; the counts cover ids lo..max only, so memory follows the block, not the field."""
     flat = ids.ravel()
-    nz = np.flatnonzero(flat != 0)
+    nz = np.flatnonzero(flat)
     if not len(nz):
         return 0, np.zeros(0, np.int64), np.zeros((ids.ndim, 0))
     v = flat[nz].astype(np.int64)
@@ -267,11 +296,13 @@ def ais_blockwise(maps: Any, out: Any, p: AISParams, block: int | Sequence[int],
     its foreground mask and heightmap for the watershed pass while they fit in ``cache_bytes`` (the rest is
     recomputed), so memory is bounded by that budget plus one block with its halo per thread.
 
-    With one block (untiled) the smoothing, thresholds and seed labelling run on row bands (the first axis)
-    on the pool: a Gaussian over a band plus ``smoothing_reach`` rows gives the full-image values bit for bit
-    (unlike a crop along the last axis, whose SIMD alignment changes the rounding), and band labels merged
-    across the band faces and numbered by first pixel are the full-image labels; then one watershed runs on
-    the whole field. So the labels are micro-sam's untiled ones. Returns the object statistics (``label``,
+    In memory (``scratch`` None, or one block) the smoothing, thresholds and seed labelling run on row bands
+    (the first axis) on the pool: a Gaussian over a band plus ``smoothing_reach`` rows gives the full-image
+    values bit for bit (unlike a crop along the last axis, whose SIMD alignment changes the rounding), and
+    band labels merged across the band faces and numbered by first pixel are the full-image labels; then the
+    watershed runs per block with its halo on the pool (memory: 13 bytes per pixel of the field), or with
+    one block once on the whole field, so that the labels are micro-sam's untiled ones. Only foreground
+    components with several seeds are flooded (see ``_in_memory``). Returns the object statistics (``label``,
     ``area``, ``centroid`` per axis), the number of objects and ``timings`` (wall seconds per stage).
     """
     shape = tuple(out.shape)
@@ -288,15 +319,20 @@ def ais_blockwise(maps: Any, out: Any, p: AISParams, block: int | Sequence[int],
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(ThreadPoolExecutor(threads)) if threads > 1 else None
         run = pool.map if pool is not None else map
-        if len(blocks) == 1:
-            ws = _untiled(maps, out, p, shape, reach, threads, run, step, clock)
+        if len(blocks) == 1 or scratch is None:  # in memory: banded seeds, blockwise watershed
+            ws = _in_memory(maps, out, p, shape, reach, threads, run, step, clock,
+                          block_grid(shape, _even(shape, block), halo_t))
         else:
-            if scratch is None:  # local labels of one block: uint32 is plenty
-                scratch = np.zeros(shape, dtype=np.uint32)
             ws = _tiled(maps, out, p, blocks, block, shape, scratch, run, step, cache_bytes, clock)
         res = _finish(out, p, ws, shape, run, step, clock)
     res["timings"] = clock.split
     return res
+
+
+def _even(shape: Sequence[int], block: Sequence[int]) -> tuple[int, ...]:
+    """The block that splits each axis into as many blocks as ``block`` does, of near-equal size (a
+    696-pixel axis in 512-pixel blocks: two of 348, not 512 and 184), so that the pool is evenly loaded."""
+    return tuple(-(-s // -(-s // b)) for s, b in zip(shape, block))
 
 
 def _maps_at(maps: Any, region: tuple[slice, ...], channel: Any = slice(None)) -> np.ndarray:
@@ -304,7 +340,7 @@ def _maps_at(maps: Any, region: tuple[slice, ...], channel: Any = slice(None)) -
 
 
 def _bands(shape: Sequence[int], threads: int, reach: int) -> list[Block]:
-    """Row bands (whole planes of the first axis) for the untiled path: two per thread, none thinner than
+    """Row bands (whole planes of the first axis) for the in-memory path: two per thread, none thinner than
     a few smoothing reaches (each band smooths ``reach`` extra rows on either side)."""
     n = max(1, min(2 * threads if threads > 1 else 1, shape[0] // (8 * reach)))
     return block_grid(shape, (-(-shape[0] // n),) + tuple(shape[1:]), 0)
@@ -323,70 +359,128 @@ def _face_edges(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
     return np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
 
 
-def _untiled(maps, out, p, shape, reach, threads, run, step, clock) -> _Watershed:
-    """The one-block path: banded smoothing, thresholds and seed labels, one watershed (see ais_blockwise)."""
+_MULTI = np.uint32(2**32 - 1)  # class code of a foreground component with several seeds (the watershed's work)
+
+
+def _in_memory(maps, out, p, shape, reach, threads, run, step, clock, ws_blocks) -> _Watershed:
+    """The in-memory path: banded smoothing, thresholds and seed labels over the whole field (the untiled
+    values and seed ids), then the watershed per block of ``ws_blocks`` with its halo on the pool (see
+    ais_blockwise).
+
+    The watershed floods within the foreground components (axis-aligned connectivity, its own), each on its
+    own: a component with one seed id is that id, one without seeds stays 0, whatever the heights. Only
+    components with several seeds (a third of the foreground on the DSB mosaic) go through the watershed;
+    the others are one lookup per pixel ("class code": the seed id, 0, or ``_MULTI``)."""
     bands = _bands(shape, threads, reach)
     rest = tuple(slice(0, s) for s in shape[1:])
     fg_mask = np.empty(shape, bool)
     hmap = np.empty(shape, np.float32)
     labels = np.empty(shape, np.uint32)  # band-local seed labels, then the watershed markers
+    comp = np.empty(shape, np.uint32)  # band-local foreground components, then their class code
 
-    def seeds_of(blk: Block) -> int:
+    def seeds_of(blk: Block) -> tuple[int, int]:
         a, b = blk.inner[0].start, blk.inner[0].stop
         lo, hi = max(a - reach, 0), min(b + reach, shape[0])
         raw = _maps_at(maps, (slice(lo, hi),) + rest)
         inner = slice(a - lo, b - lo)
-        fg = _smooth(raw[0], p.foreground_smoothing)[inner]
-        center = _smooth(raw[1], p.distance_smoothing)[inner]
+        np.greater(_smooth(raw[0], p.foreground_smoothing)[inner], p.foreground_threshold, out=fg_mask[a:b])
         np.copyto(hmap[a:b], _smooth(raw[2], p.distance_smoothing)[inner])
-        np.greater(fg, p.foreground_threshold, out=fg_mask[a:b])
-        seed = (center < p.center_distance_threshold) & (hmap[a:b] < p.boundary_distance_threshold) & fg_mask[a:b]
-        lab, n = _label(seed)
-        if n >= 2**32:
-            raise ValueError(f"{n} seeds in one band: too many for uint32 markers")
-        labels[a:b] = lab
-        return n
+        seed = np.less(_smooth(raw[1], p.distance_smoothing)[inner], p.center_distance_threshold)
+        seed &= fg_mask[a:b]
+        seed &= hmap[a:b] < p.boundary_distance_threshold
+        n_fg = ndi.label(fg_mask[a:b], output=comp[a:b].view(np.int32))  # scipy's default: axis-aligned
+        return _label(seed, labels[a:b])[1], int(n_fg)
 
-    counts = list(run(seeds_of, bands))
+    parts = list(run(seeds_of, bands))
     step("seeds", 0)
     clock.lap("smooth+seeds")
+    counts = [n for n, _ in parts]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    n_seeds = int(offsets[-1])
-    edges = []
+    fg_offsets = np.concatenate([[0], np.cumsum([n for _, n in parts])]).astype(np.int64)
+    seed_edges, fg_edges = [], []
     for k, blk in enumerate(bands[1:], start=1):  # band k's first plane touches band k-1's last one
         a = blk.inner[0].start
-        top, bottom = labels[a - 1].astype(np.int64), labels[a].astype(np.int64)
-        np.add(top, offsets[k - 1], out=top, where=top > 0)
-        np.add(bottom, offsets[k], out=bottom, where=bottom > 0)
-        edges.append(_face_edges(top, bottom))
-    edges = np.unique(np.concatenate(edges), axis=0) if edges else np.zeros((0, 2), np.int64)
-    seed_map = _components(n_seeds, edges)  # numbered by first member: the full image's row-major order
+        seed_edges.append(_face_edges(_offset(labels[a - 1], offsets[k - 1]), _offset(labels[a], offsets[k])))
+        top, bottom = _offset(comp[a - 1], fg_offsets[k - 1]), _offset(comp[a], fg_offsets[k])
+        sel = (top > 0) & (bottom > 0)
+        fg_edges.append(np.stack([top[sel], bottom[sel]], axis=1))
+    seed_map = _components(int(offsets[-1]), _unique_edges(seed_edges))  # by first member: row-major order
+    fg_map = _components(int(fg_offsets[-1]), _unique_edges(fg_edges))
     n_ws = int(seed_map.max())
-    if n_ws >= 2**32:
+    if n_ws >= _MULTI:
         raise ValueError(f"{n_ws} seeds: too many for uint32 markers")
 
-    def markers_of(k_blk: tuple[int, Block]) -> None:
+    def markers_of(k_blk: tuple[int, Block]) -> np.ndarray:
+        """Global seed ids over the band's seed pixels; the (component, seed) pairs there."""
         k, blk = k_blk
         a, b = blk.inner[0].start, blk.inner[0].stop
-        lut = seed_map[offsets[k]:offsets[k] + counts[k] + 1].astype(np.uint32)
-        lut[0] = 0
-        labels[a:b] = np.take(lut, labels[a:b])
+        band = labels[a:b].reshape(-1)  # a view: bands are whole planes
+        nz = np.flatnonzero(band)  # seeds are a few percent of the pixels: look up only those
+        if k:
+            lut = seed_map[offsets[k]:offsets[k] + counts[k] + 1].astype(np.uint32)
+            band[nz] = lut[band[nz]]
+        cc = fg_map[comp[a:b].reshape(-1)[nz] + fg_offsets[k]]  # seeds lie in the foreground: cc > 0
+        return np.unique(cc * (n_ws + 1) + band[nz])
 
-    if len(bands) > 1:
-        list(run(markers_of, enumerate(bands)))
+    pairs = np.unique(np.concatenate(list(run(markers_of, enumerate(bands)))))
+    pair_comp, pair_seed = np.divmod(pairs, n_ws + 1)
+    n_per_comp = np.bincount(pair_comp, minlength=int(fg_map.max()) + 1)
+    code = np.zeros(len(n_per_comp), np.uint32)
+    one = n_per_comp[pair_comp] == 1
+    code[pair_comp[one]] = pair_seed[one]
+    code[n_per_comp > 1] = _MULTI
+    code_of = code[fg_map]  # band-local component -> class code, through the band offsets
+
+    def classes_of(k_blk: tuple[int, Block]) -> None:
+        k, blk = k_blk
+        a, b = blk.inner[0].start, blk.inner[0].stop
+        band = comp[a:b].reshape(-1)
+        nz = np.flatnonzero(band)
+        band[nz] = code_of[band[nz] + fg_offsets[k]]
+
+    list(run(classes_of, enumerate(bands)))
     clock.lap("merge seeds")
-    ws = bic.segmentation.watershed(hmap, markers=labels, mask=fg_mask)
-    clock.lap("watershed")
-    out[tuple(slice(0, s) for s in shape)] = ws
     sizes = np.zeros(n_ws + 1, dtype=np.int64)
     csum = np.zeros((len(shape), n_ws + 1))
-    for part in run(lambda blk: _sums(ws[blk.inner], [s.start for s in blk.inner]), bands):
+    whole = None
+    if len(ws_blocks) == 1:  # untiled: one watershed, then the labels written and summed per band
+        multi = comp == _MULTI
+        whole = bic.segmentation.watershed(hmap, markers=labels, mask=multi) if multi.any() else comp
+        ws_blocks = bands
+        clock.lap("watershed")
+    out_w = _Writes(out, ws_blocks[0].inner_shape)
+
+    def watershed_of(blk: Block) -> tuple[int, np.ndarray, np.ndarray]:
+        ids = comp[blk.inner]
+        if whole is not None:
+            ids = np.where(multi[blk.inner], whole[blk.inner], ids)
+        else:
+            o, il = blk.outer, blk.inner_local
+            multi_o = comp[o] == _MULTI
+            if multi_o[il].any():
+                ws = bic.segmentation.watershed(hmap[o], markers=labels[o], mask=multi_o)[il]
+                ids = np.where(multi_o[il], ws, ids)
+        out_w[blk.inner] = ids
+        return _sums(ids, [s.start for s in blk.inner])
+
+    for i, part in enumerate(run(watershed_of, ws_blocks)):
         _add_sums(sizes, csum, part)
-    step("watershed", 0)
-    clock.lap("write+sums")
+        step("watershed", i)
+    clock.lap("write+sums" if whole is not None else "watershed+sums")
     # the markers array is free now: it holds the band labels of the rescue pass
     return _Watershed(bands, bands[0].inner_shape, labels, labels, n_ws, sizes, csum,
                       lambda blk: fg_mask[blk.inner])
+
+
+def _offset(plane: np.ndarray, offset: int) -> np.ndarray:
+    """A plane of band-local ids as global ids (``offset`` added to the non-zero ones), int64."""
+    ids = plane.astype(np.int64)
+    np.add(ids, offset, out=ids, where=ids > 0)
+    return ids
+
+
+def _unique_edges(edges: list[np.ndarray]) -> np.ndarray:
+    return np.unique(np.concatenate(edges), axis=0) if edges else np.zeros((0, 2), np.int64)
 
 
 def _tiled(maps, out, p, blocks, block, shape, scratch, run, step, cache_bytes, clock) -> _Watershed:
@@ -427,16 +521,18 @@ def _tiled(maps, out, p, blocks, block, shape, scratch, run, step, cache_bytes, 
             if budget[0] >= nbytes:
                 budget[0] -= nbytes
                 cache[blk.index] = (fg_mask, boundary)
-        return n
+        return n, _first_pixels(lab, n, [s.start for s in blk.inner], shape)
 
     seeds = _GlobalIds(scratch, blocks, block)
-    counts = {}
-    for i, (blk, n) in enumerate(zip(blocks, run(seeds_of, blocks))):
+    counts, firsts = {}, []
+    for i, (blk, (n, first)) in enumerate(zip(blocks, run(seeds_of, blocks))):
         counts[blk.index] = n
+        firsts.append(first)
         step("seeds", i)
     clock.lap("smooth+seeds")
     n_seeds = seeds.set_counts(counts)
-    seed_map = _components(n_seeds, seeds.merge_edges(shape))
+    # seeds numbered by their first pixel in the field, as the in-memory path numbers them
+    seed_map = _components(n_seeds, seeds.merge_edges(shape), np.concatenate(firsts))
     n_ws = int(seed_map.max())
     # the watershed runs faster on 32-bit markers; labels are the same for any marker dtype
     marker_dtype = np.uint32 if n_ws < 2**32 else np.uint64
@@ -498,11 +594,11 @@ def _finish(out, p, w: _Watershed, shape, run, step, clock) -> dict[str, Any]:
         def unseeded_of(blk):
             lab, n = _label(w.inner_fg(blk) & (np.asarray(out[blk.inner]) == 0))
             w.scratch_w[blk.inner] = lab.astype(w.scratch.dtype, copy=False)
-            return n
+            return n, _first_pixels(lab, n, [s.start for s in blk.inner], shape)
 
-        counts = {blk.index: n for blk, n in zip(blocks, run(unseeded_of, blocks))}
-        n_rest = rest.set_counts(counts)
-        rest_map = _components(n_rest, rest.merge_edges(shape))
+        parts = list(run(unseeded_of, blocks))
+        n_rest = rest.set_counts({blk.index: n for blk, (n, _) in zip(blocks, parts)})
+        rest_map = _components(n_rest, rest.merge_edges(shape), np.concatenate([f for _, f in parts]))
         n_rescued = int(rest_map.max())
         rest_sizes = np.zeros(n_rescued + 1, dtype=np.int64)
         rest_csum = np.zeros((ndim, n_rescued + 1))

@@ -113,8 +113,10 @@ def segment_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any],
 
 def ais_instances(cfg: dict[str, Any], maps: Any, out: Any, scratch: Any, progress: Any,
                   threads: int = 1) -> dict[str, Any]:
-    """AIS (seeded watershed) of one field's decoder maps into ``out``, in tiling.tile blocks with halo."""
-    return ais_blockwise(maps, out, ais_params(cfg), block=cfg["tiling"]["tile"], halo=cfg["tiling"]["halo"],
+    """AIS (seeded watershed) of one field's decoder maps into ``out``, in ais.block blocks (null: tiling.tile)
+    with tiling.halo: the maps are already stitched, so the post-processing block need not be the network's."""
+    block = cfg["ais"].get("block") or cfg["tiling"]["tile"]
+    return ais_blockwise(maps, out, ais_params(cfg), block=block, halo=cfg["tiling"]["halo"],
                          scratch=scratch, progress=progress, threads=threads)
 
 
