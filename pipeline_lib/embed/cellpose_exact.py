@@ -52,13 +52,15 @@ def _offsets(origin: tuple[int, int], shape: tuple[int, int], field: tuple[int, 
     return f_lo, f_hi, b_lo, b_hi
 
 
-def _corner_table(dP: torch.Tensor) -> torch.Tensor:
-    """(h * w, 8): the flow (dy, dx) at the four corners (y0x0, y0x1, y1x0, y1x1) of every cell, zero beyond the
-    last row / column (where the weight is 0: positions never pass the block's last pixel)."""
+def _cell_table(dP: torch.Tensor) -> torch.Tensor:
+    """(h * w, 8): per cell (its top-left pixel) the bilinear coefficients of both flow components,
+    ``f00, f01 - f00, f10 - f00, f00 - f01 - f10 + f11`` (the flow is zero beyond the last row / column,
+    where the weight is 0: positions never pass the block's last pixel)."""
     h, w = dP.shape[1:]
     pad = F.pad(dP[None], (0, 1, 0, 1))[0]
-    corners = torch.stack([pad[:, :h, :w], pad[:, :h, 1:], pad[:, 1:, :w], pad[:, 1:, 1:]])  # (4, 2, h, w)
-    return corners.permute(2, 3, 0, 1).reshape(h * w, 8).contiguous()
+    f00, f01, f10, f11 = pad[:, :h, :w], pad[:, :h, 1:], pad[:, 1:, :w], pad[:, 1:, 1:]
+    coef = torch.stack([f00, f01 - f00, f10 - f00, (f00 - f01) - (f10 - f11)])  # (4, 2, h, w)
+    return coef.permute(2, 3, 0, 1).reshape(h * w, 8).contiguous()
 
 
 def follow_flows_exact(dP: torch.Tensor, starts: torch.Tensor, niter: int, origin: tuple[int, int] = (0, 0),
@@ -69,14 +71,15 @@ def follow_flows_exact(dP: torch.Tensor, starts: torch.Tensor, niter: int, origi
 
     Bilinear interpolation in pixel units on displacements ``d`` from the integer starts (module docstring,
     1). Positions stay inside the block (an escaped path is clamped there; its result is discarded), so the
-    corners of a cell come from one table, one gather per step. The step is a fixed map of ``d``, so a pixel
-    whose ``d`` equals its value two steps before is periodic (a fixed point or a 2-cycle): its final ``d``
-    is known exactly and it leaves the active set (checked every ``check_every`` steps)."""
+    coefficients of a cell come from one table, one gather per step. The step is a fixed map of ``d``, so a
+    pixel whose ``d`` equals its value two steps before is periodic (a fixed point or a 2-cycle): its final
+    ``d`` is known exactly and it leaves the active set (checked every ``check_every`` steps). Only separate
+    elementwise ops (no fused multiply-add, whose rounding could depend on the position in the array)."""
     h, w = dP.shape[1:]
     field = field or (h, w)
     f_lo, f_hi, b_lo, b_hi = _offsets(origin, (h, w), field)
     dev = dP.device
-    table = _corner_table(dP)
+    table = _cell_table(dP)
     s = starts.to(dev, torch.int64)
     sf = s.to(torch.float32)
     # clamp to the block (= the field on the sides where they meet); leaving the block elsewhere = escaped
@@ -89,32 +92,32 @@ def follow_flows_exact(dP: torch.Tensor, starts: torch.Tensor, niter: int, origi
     final = torch.zeros_like(sf)
     escaped = torch.zeros(len(s), dtype=torch.bool, device=dev)
     idx = torch.arange(len(s), device=dev)  # the active pixels
-    esc = escaped.clone()
-    d = d1 = d2 = torch.zeros_like(sf)
+    d = d1 = torch.zeros_like(sf)
+    low, high = d.clone(), d.clone()  # extremes of the unclamped path: escaped if beyond the block's inner sides
     niter = int(niter)
     for t in range(1, niter + 1):
         fl = torch.floor(d)
         frac = d - fl
         c = torch.index_select(table, 0, base + (fl.to(torch.int64) * stride).sum(dim=1))  # (n, 8)
-        tx = frac[:, 1:]
-        a = c[:, 0:2] + tx * (c[:, 2:4] - c[:, 0:2])  # row y0 along x (both components)
-        b = c[:, 4:6] + tx * (c[:, 6:8] - c[:, 4:6])  # row y1
-        d2, d1, d = d1, d, d + (a + frac[:, :1] * (b - a))
-        esc |= ((d < e_lo) | (d > e_hi)).any(dim=1)
+        ty, tx = frac[:, :1], frac[:, 1:]
+        v = ((c[:, 0:2] + tx * c[:, 2:4]) + ty * c[:, 4:6]) + (ty * tx) * c[:, 6:8]
+        d2, d1 = d1, d
+        d = d + v
+        low, high = torch.minimum(low, d), torch.maximum(high, d)
         d = torch.clamp(d, lo, hi)
         if t >= 2 and t % check_every == 0 and t < niter:
             done = (d == d2).all(dim=1)  # periodic: d_niter = d_t or d_(t-1) by parity
             if done.any():
                 j = idx[done]
                 final[j] = d[done] if (niter - t) % 2 == 0 else d1[done]
-                escaped[j] = esc[done]
+                escaped[j] = ((low[done] < e_lo[done]) | (high[done] > e_hi[done])).any(dim=1)
                 keep = ~done
-                idx, d, d1, esc = idx[keep], d[keep], d1[keep], esc[keep]
+                idx, d, d1, low, high = idx[keep], d[keep], d1[keep], low[keep], high[keep]
                 base, lo, hi, e_lo, e_hi = base[keep], lo[keep], hi[keep], e_lo[keep], e_hi[keep]
             if stats is not None:
                 stats.setdefault("active", []).append(len(idx))
     final[idx] = d
-    escaped[idx] = esc
+    escaped[idx] = ((low < e_lo) | (high > e_hi)).any(dim=1)
     return s + torch.floor(final).to(torch.int64), escaped
 
 
