@@ -4,7 +4,8 @@
 so it cannot live in the torch-free ``instances`` package: this module supplies the per-block function and
 ``instances.flows.flows_blockwise`` does the blocking and stitching (numpy only). The per-block call is
 exactly what ``CellposeModel.eval`` runs on a whole 2D image (``resize_and_compute_masks`` with its
-``niter``, thresholds, ``min_size`` and ``max_size_fraction``).
+``niter``, thresholds, ``min_size`` and ``max_size_fraction``). With ``FlowParams.exact`` (``cellpose.exact``) both run the translation-invariant
+variant of ``embed.cellpose_exact`` instead, whose blocks equal its untiled result.
 """
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ the largest object diameter every object is seen whole by the block that owns it
 Unlike cellpose's distributed mode (which merges labels that touch across block faces, and in 2D merges
 nothing), objects are joined by agreement, not by contact. Cellpose's dynamics are not translation-invariant
 (its interpolation grid depends on the window size), so blocks differ from the untiled result by a few
-boundary pixels; the test measures it (mSA >= 0.99 against the whole-image ``compute_masks``).
+boundary pixels; the test measures it (mSA >= 0.99 against the whole-image ``compute_masks``). With
+``cellpose.exact`` (``embed.cellpose_exact``) blocks are identical to the untiled result of that variant.
 """
 from __future__ import annotations
 
