@@ -64,7 +64,7 @@ def test_exact_close_to_compute_masks(synthetic):
     assert msa >= 0.99
 
 
-def test_follow_flows_translation_invariant():
+def test_follow_flows_block_equals_field():
     """A block cut from a field at any offset: every path that stays in the block ends where it ends in the
     whole field; paths that leave it are flagged."""
     rng = np.random.default_rng(1)
@@ -159,4 +159,4 @@ def test_real_field_exact_blockwise_and_vs_cellpose(real_plate):
     msa = segmentation_scores(full, ref)["msa"]
     print(f"real field {well}/{image}: mSA exact vs cellpose {msa:.4f}, vs truth exact "
           f"{segmentation_scores(full, gt)['msa']:.4f}, cellpose {segmentation_scores(ref, gt)['msa']:.4f}")
-    assert msa >= 0.99
+    assert msa >= 0.995

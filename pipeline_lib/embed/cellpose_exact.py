@@ -1,20 +1,18 @@
-"""Cellpose's flows -> masks made translation-invariant (``cellpose.exact: true``): blockwise == untiled.
+"""Cellpose's flows -> masks made blockwise-exact (``cellpose.exact: true``): blocks == the whole field.
 
 Cellpose 4.2's ``dynamics.compute_masks`` depends on the window it runs on, so blocks with a halo differ from
 the whole image by a few boundary pixels. This module runs the same steps as ``resize_and_compute_masks``
 (Euler integration of ``dP / 5`` over the pixels with ``cellprob > cellprob_threshold``, histogram seeds,
-seed expansion, the flow-error check, hole filling and ``min_size``) with every step a function of the block's
-pixels in their own coordinates only. Where it differs from cellpose, and why:
+seed expansion, the flow-error check, hole filling and ``min_size``) with every step a function of the
+field coordinates of the pixels involved and of the field shape only, never of the block. Where it differs
+from cellpose on the whole field, and why:
 
-1. **Euler steps in pixel units, displacements from the integer start.** Cellpose normalises positions and
-   flows by the window shape and samples with ``grid_sample(align_corners=False)``, so it reads the flow at
-   ``p + p / (L - 1) - 0.5`` instead of ``p`` (half a pixel off at the window edges, ``L`` the window size) and
-   rounds positions in window-normalised float32. Here each pixel keeps its float32 displacement ``d`` from
-   its integer start ``s`` and samples bilinearly at ``s + d`` (``floor(s + d) = s + floor(d)``, weights from
-   ``d - floor(d)``): the same arithmetic at any offset. Positions are clamped to the *field* (not the
-   block), as cellpose clamps to its window; the final position is ``s + floor(d)`` (cellpose truncates).
-   A pixel whose path leaves the block (into the field beyond it) is *escaped*: its result would be wrong,
-   so it is left out of the histogram and labelled 0 (untiled, nothing escapes).
+1. **Euler steps** use cellpose's ``steps_interp`` arithmetic on the *field* (float32 positions normalised to
+   [-1, 1] by the field shape, the flow read where ``grid_sample(align_corners=False)`` reads it, zero
+   padding outside the field, clamped to [-1, 1], truncated at the end), computed per pixel from its field
+   coordinates, so any block repeats it. The bilinear weights are ours (not bit-identical to
+   ``grid_sample``'s kernel: ulp-level differences). A pixel whose path needs the flow outside the block
+   (inside the field) is *escaped*: left out of the histogram and labelled 0 (untiled, nothing escapes).
 2. **Seeds** as ``get_masks_torch`` (local maxima of the 5 x 5 max-pool with more than 10 pixels, each grown
    5 times in its 11 x 11 window through bins with more than 2 pixels, overlaps to the seed with more
    pixels), with ties between seeds of equal count broken by position (cellpose's ``argsort`` is unstable).
@@ -44,81 +42,92 @@ from scipy import ndimage as ndi
 RPAD = 5  # histogram border: seeds lie on pixels, their 11 x 11 windows reach 5 beyond
 
 
-def _offsets(origin: tuple[int, int], shape: tuple[int, int], field: tuple[int, int]) -> tuple[np.ndarray, ...]:
-    """Field and block bounds of positions, in block coordinates."""
-    o = np.asarray(origin, np.int64)
-    f_lo, f_hi = -o, np.asarray(field, np.int64) - 1 - o
-    b_lo, b_hi = np.zeros(2, np.int64), np.asarray(shape, np.int64) - 1
-    return f_lo, f_hi, b_lo, b_hi
-
-
-def _cell_table(dP: torch.Tensor) -> torch.Tensor:
-    """(h * w, 8): per cell (its top-left pixel) the bilinear coefficients of both flow components,
-    ``f00, f01 - f00, f10 - f00, f00 - f01 - f10 + f11`` (the flow is zero beyond the last row / column,
-    where the weight is 0: positions never pass the block's last pixel)."""
-    h, w = dP.shape[1:]
-    pad = F.pad(dP[None], (0, 1, 0, 1))[0]
-    f00, f01, f10, f11 = pad[:, :h, :w], pad[:, :h, 1:], pad[:, 1:, :w], pad[:, 1:, 1:]
-    coef = torch.stack([f00, f01 - f00, f10 - f00, (f00 - f01) - (f10 - f11)])  # (4, 2, h, w)
-    return coef.permute(2, 3, 0, 1).reshape(h * w, 8).contiguous()
+def _cell_table(im: torch.Tensor) -> torch.Tensor:
+    """(h + 1) * (w + 1) x 8: per cell (its top-left pixel, from -1) the flow (both components) at its four
+    corners y0x0, y0x1, y1x0, y1x1, with zeros beyond the block (grid_sample's zero padding)."""
+    h, w = im.shape[1:]
+    pad = F.pad(im[None], (1, 1, 1, 1))[0]
+    corners = torch.stack([pad[:, :-1, :-1], pad[:, :-1, 1:], pad[:, 1:, :-1], pad[:, 1:, 1:]])  # (4, 2, h+1, w+1)
+    return corners.permute(2, 3, 0, 1).reshape((h + 1) * (w + 1), 8).contiguous()
 
 
 def follow_flows_exact(dP: torch.Tensor, starts: torch.Tensor, niter: int, origin: tuple[int, int] = (0, 0),
                        field: tuple[int, int] | None = None, check_every: int = 8,
                        stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Final integer positions (N, 2) (block coordinates) of ``starts`` (N, 2) after ``niter`` Euler steps of
-    ``dP`` ((2, h, w) float32, the step per iteration in pixels), and which of them escaped the block.
+    ``dP`` ((2, h, w) float32, the step in pixels: ``dP / 5`` masked by ``cellprob``), and which of them
+    escaped the block (module docstring, 1).
 
-    Bilinear interpolation in pixel units on displacements ``d`` from the integer starts (module docstring,
-    1). Positions stay inside the block (an escaped path is clamped there; its result is discarded), so the
-    coefficients of a cell come from one table, one gather per step. The step is a fixed map of ``d``, so a
-    pixel whose ``d`` equals its value two steps before is periodic (a fixed point or a 2-cycle): its final
-    ``d`` is known exactly and it leaves the active set (checked every ``check_every`` steps). Only separate
-    elementwise ops (no fused multiply-add, whose rounding could depend on the position in the array)."""
+    cellpose's ``steps_interp`` arithmetic on the *field* (positions normalised to [-1, 1] by the field
+    shape, sampled as ``grid_sample(align_corners=False)`` with zero padding reads them, clamped to [-1, 1]),
+    computed per pixel from its field coordinates only, so a block at any offset repeats the untiled
+    computation. The flow comes from the block: one gather per step of the cell's four corners. A pixel
+    that needs a corner outside the block but inside the field is *escaped*. The step is a fixed map of the
+    state, so a pixel whose state equals its value two steps before is periodic (a fixed point or a
+    2-cycle): its final state is known exactly and it leaves the active set (checked every
+    ``check_every`` steps). Only separate elementwise ops (no fused multiply-add, whose rounding could
+    depend on the position in the array)."""
     h, w = dP.shape[1:]
     field = field or (h, w)
-    f_lo, f_hi, b_lo, b_hi = _offsets(origin, (h, w), field)
     dev = dP.device
-    table = _cell_table(dP)
+    L = np.asarray(field, np.float64)
+    o = torch.as_tensor(origin, dtype=torch.int64, device=dev)
+    im = dP.clone()
+    for k in range(2):  # cellpose: im[:, k] *= 2. / (L - 1) (in float32), pt = 2 * p / (L - 1) - 1
+        im[k] *= 2.0 / (L[k] - 1)
+    table = _cell_table(im)
     s = starts.to(dev, torch.int64)
-    sf = s.to(torch.float32)
-    # clamp to the block (= the field on the sides where they meet); leaving the block elsewhere = escaped
-    lo = torch.as_tensor(b_lo, dtype=torch.float32, device=dev) - sf
-    hi = torch.as_tensor(b_hi, dtype=torch.float32, device=dev) - sf
-    e_lo = torch.where(torch.as_tensor(b_lo > f_lo, device=dev), lo, torch.full_like(lo, -np.inf))
-    e_hi = torch.where(torch.as_tensor(b_hi < f_hi, device=dev), hi, torch.full_like(hi, np.inf))
-    base = s[:, 0] * w + s[:, 1]
-    stride = torch.tensor([w, 1], dtype=torch.int64, device=dev)
-    final = torch.zeros_like(sf)
+    pt = (s + o).to(torch.float32)
+    for k in range(2):
+        pt[:, k] /= L[k] - 1
+    pt = pt * 2 - 1
+    half = torch.as_tensor((L / 2).astype(np.float32), device=dev)  # grid_sample: ix = (x + 1) * L / 2 - 0.5
+    size = torch.tensor([h, w], dtype=torch.int64, device=dev)
+    minus1 = torch.full_like(size, -1)
+    stride = torch.tensor([w + 1, 1], dtype=torch.int64, device=dev)
+    inner_lo = o > 0  # block sides inside the field: corners beyond them are unknown
+    inner_hi = o + size < torch.as_tensor(field, dtype=torch.int64, device=dev)
+    final = torch.zeros_like(pt)
     escaped = torch.zeros(len(s), dtype=torch.bool, device=dev)
     idx = torch.arange(len(s), device=dev)  # the active pixels
-    d = d1 = torch.zeros_like(sf)
-    low, high = d.clone(), d.clone()  # extremes of the unclamped path: escaped if beyond the block's inner sides
+    p1 = pt
+    big = torch.iinfo(torch.int64).max
+    low = torch.full_like(s, big)
+    high = torch.full_like(s, -big)
+
+    def escapes(lo_, hi_):
+        return ((inner_lo & (lo_ < 0)) | (inner_hi & (hi_ + 1 > size - 1))).any(dim=1)
+
     niter = int(niter)
     for t in range(1, niter + 1):
-        fl = torch.floor(d)
-        frac = d - fl
-        c = torch.index_select(table, 0, base + (fl.to(torch.int64) * stride).sum(dim=1))  # (n, 8)
+        ix = (pt + 1) * half - 0.5
+        fl = torch.floor(ix)
+        frac = ix - fl
+        j = fl.to(torch.int64) - o  # the cell in block coordinates (from -1)
+        low, high = torch.minimum(low, j), torch.maximum(high, j)
+        j = torch.clamp(j, minus1, size - 1)  # an escaped pixel reads a wrong cell; its result is discarded
+        c = torch.index_select(table, 0, ((j + 1) * stride).sum(dim=1))  # (n, 8)
         ty, tx = frac[:, :1], frac[:, 1:]
-        v = ((c[:, 0:2] + tx * c[:, 2:4]) + ty * c[:, 4:6]) + (ty * tx) * c[:, 6:8]
-        d2, d1 = d1, d
-        d = d + v
-        low, high = torch.minimum(low, d), torch.maximum(high, d)
-        d = torch.clamp(d, lo, hi)
+        uy, ux = 1 - ty, 1 - tx
+        v = (c[:, 0:2] * (uy * ux) + c[:, 2:4] * (uy * tx)) + (c[:, 4:6] * (ty * ux) + c[:, 6:8] * (ty * tx))
+        p2, p1 = p1, pt
+        pt = torch.clamp(pt + v, -1.0, 1.0)
         if t >= 2 and t % check_every == 0 and t < niter:
-            done = (d == d2).all(dim=1)  # periodic: d_niter = d_t or d_(t-1) by parity
+            done = (pt == p2).all(dim=1)  # periodic: state_niter = state_t or state_(t-1) by parity
             if done.any():
-                j = idx[done]
-                final[j] = d[done] if (niter - t) % 2 == 0 else d1[done]
-                escaped[j] = ((low[done] < e_lo[done]) | (high[done] > e_hi[done])).any(dim=1)
+                i = idx[done]
+                final[i] = pt[done] if (niter - t) % 2 == 0 else p1[done]
+                escaped[i] = escapes(low[done], high[done])
                 keep = ~done
-                idx, d, d1, low, high = idx[keep], d[keep], d1[keep], low[keep], high[keep]
-                base, lo, hi, e_lo, e_hi = base[keep], lo[keep], hi[keep], e_lo[keep], e_hi[keep]
+                idx, pt, p1, low, high = idx[keep], pt[keep], p1[keep], low[keep], high[keep]
             if stats is not None:
                 stats.setdefault("active", []).append(len(idx))
-    final[idx] = d
-    escaped[idx] = ((low < e_lo) | (high > e_hi)).any(dim=1)
-    return s + torch.floor(final).to(torch.int64), escaped
+    final[idx] = pt
+    escaped[idx] = escapes(low, high)
+    out = (final + 1) * 0.5
+    for k in range(2):  # cellpose: pt *= (L - 1), then .int()
+        out[:, k] *= L[k] - 1
+    return out.to(torch.int64) - o, escaped
 
 
 def _max_pool(x: torch.Tensor, k: int) -> torch.Tensor:
