@@ -152,7 +152,7 @@ def test_real_field_exact_blockwise_and_vs_cellpose(real_plate):
     flows = label_flows(gt) + np.random.default_rng(2).normal(0, 0.4, (3,) + gt.shape).astype(np.float32)
     full = cellpose_masks(flows, EXACT)
     out = np.zeros(gt.shape, np.uint32)
-    info = masks_blockwise(flows, out, EXACT, block=128, halo=112)
+    info = masks_blockwise(flows, out, EXACT, block=128, halo=64)  # mask_halo default
     assert info["n_blocks"] == 6
     assert np.array_equal(canonical(out), canonical(full))
     ref = cellpose_masks(flows, FlowParams())
