@@ -4,8 +4,9 @@
 so it cannot live in the torch-free ``instances`` package: this module supplies the per-block function and
 ``instances.flows.flows_blockwise`` does the blocking and stitching (numpy only). The per-block call is
 exactly what ``CellposeModel.eval`` runs on a whole 2D image (``resize_and_compute_masks`` with its
-``niter``, thresholds, ``min_size`` and ``max_size_fraction``). With ``FlowParams.exact`` (``cellpose.exact``) both run the translation-invariant
-variant of ``embed.cellpose_exact`` instead, whose blocks equal its untiled result.
+``niter``, thresholds, ``min_size`` and ``max_size_fraction``). With ``FlowParams.exact`` (``cellpose.exact``)
+both run the blockwise-exact variant of ``embed.cellpose_exact`` instead, whose blocks equal its untiled
+result.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from ..stitch.blockwise import segment_blockwise
 def cellpose_masks(flows: np.ndarray, params: FlowParams, device: str | torch.device = "cpu") -> np.ndarray:
     """Labels (uint32, consecutive) of one in-memory (3, Y, X) flow field, as ``CellposeModel.eval`` makes
     them from its network outputs (``dP = flows[:2]``, ``cellprob = flows[2]``); with ``params.exact`` the
-    translation-invariant variant (``embed.cellpose_exact.exact_masks``)."""
+    blockwise-exact variant (``embed.cellpose_exact.exact_masks``)."""
     flows = np.asarray(flows, dtype=np.float32)
     if params.exact:
         from .cellpose_exact import exact_masks

@@ -34,7 +34,7 @@ class FlowParams:
     min_size: int = 15
     max_size_fraction: float = 0.4
     diameter: float | None = None
-    exact: bool = False  # translation-invariant variant (embed.cellpose_exact): blockwise == untiled
+    exact: bool = False  # blockwise-exact variant (embed.cellpose_exact): blockwise == untiled
 
     def n_iter(self) -> int:
         """Euler steps as ``CellposeModel.eval`` chooses them (``int(200 / (30 / diameter))``)."""
