@@ -5,9 +5,13 @@ full ViT-L cpsam shape), in one run; best of ``--reps`` after a warm-up. Prints 
 field of the network step (cellpose: ``eval(..., compute_masks=False)``, its own normalisation, tiling and
 overlap averaging; ours: field percentiles, inner regions, float16 output), then the masks of both flow
 fields (cellpose's dynamics on each) and their agreement (mSA). Random weights give meaningless masks: the
-agreement only shows how much the two tilings differ. Usage::
+agreement only shows how much the two tilings differ. ``--masks N``: instead, the flows -> masks step on
+oracle flows (``label_flows`` of the ground truth plus noise) of N fields of the real plate: cellpose's
+``compute_masks`` vs ``cellpose.exact`` (untiled and blockwise), s per Mpx on CPU and mSA against cellpose.
+Usage::
 
     PYTHONPATH=. python bench/cellpose.py [--full] [--reps 3] [--device cpu] [--crop 240]
+    PYTHONPATH=. python bench/cellpose.py --masks 4 [--reps 3]
 """
 from __future__ import annotations
 
@@ -75,6 +79,40 @@ def best(fn, reps: int) -> tuple[float, object]:
     return min(times), out
 
 
+def bench_masks(n_fields: int, reps: int, block: int = 256, halo: int = 128) -> None:
+    """cellpose's compute_masks vs cellpose.exact on oracle flows (+ noise 0.5) of the real plate's fields."""
+    import zarr
+
+    from pipeline_lib.embed.cellpose_dynamics import label_flows, masks_blockwise
+    g = zarr.open_group(str(PLATE), mode="r")
+    keys = [f"{w['path']}/{im['path']}" for w in g.attrs["plate"]["wells"] for im in g[w["path"]].attrs["well"]["images"]]
+    keys = keys[:: max(1, len(keys) // n_fields)][:n_fields]
+    cp, ex = FlowParams(), FlowParams(exact=True)
+    t = {"cellpose compute_masks": 0.0, "exact untiled": 0.0, f"exact blockwise {block}/{halo}": 0.0}
+    msa, mpx = [], 0.0
+    for k in keys:
+        gt = np.asarray(g[f"{k}/labels/nuclei_gt/s0"])[0].astype(np.int64)
+        flows = label_flows(gt) + np.random.default_rng(0).normal(0, 0.5, (3,) + gt.shape).astype(np.float32)
+        out = np.zeros(gt.shape, np.uint32)
+        dt, ref = best(lambda f=flows: cellpose_masks(f, cp), reps)
+        t["cellpose compute_masks"] += dt
+        dt, full = best(lambda f=flows: cellpose_masks(f, ex), reps)
+        t["exact untiled"] += dt
+        dt, _ = best(lambda f=flows, o=out: masks_blockwise(f, o, ex, block=block, halo=halo), reps)
+        t[f"exact blockwise {block}/{halo}"] += dt
+        pairs = np.unique(np.stack([out.ravel(), full.ravel()]), axis=1)  # identical up to the ids
+        assert len(pairs[0]) == len(np.unique(pairs[0])) == len(np.unique(pairs[1])), k
+        msa.append(segmentation_scores(full, ref)["msa"])
+        mpx += gt.size / 1e6
+    print(f"\nflows -> masks, {len(keys)} BBBC039 fields (oracle flows + noise 0.5), CPU, {torch.get_num_threads()} "
+          f"threads, best of {reps}\n")
+    print(f"| {'method':<32} | s / Mpx |")
+    print(f"|{'-' * 34}|---------|")
+    for name, sec in t.items():
+        print(f"| {name:<32} | {sec / mpx:7.2f} |")
+    print(f"\nmSA(exact untiled, cellpose compute_masks): mean {np.mean(msa):.4f}, min {np.min(msa):.4f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--full", action="store_true", help="full cpsam shape (ViT-L, 305M parameters)")
@@ -83,8 +121,11 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=None, help="crop the field to crop x crop")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--halo", type=int, default=32)
+    ap.add_argument("--masks", type=int, default=0, help="bench the flows -> masks step on N real fields instead")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(int(os.environ.get("BENCH_THREADS", 2)), os.cpu_count() or 1)))
+    if args.masks:
+        return bench_masks(args.masks, args.reps)
     img, name = field(args.crop)
     with tempfile.TemporaryDirectory() as tmp:
         kw = dict(embed_dim=1024, depth=24, num_heads=16, neck_dim=256) if args.full else {}

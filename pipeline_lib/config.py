@@ -183,7 +183,7 @@ def cellpose_params(cfg: dict[str, Any]):
     from .instances.flows import FlowParams
     c = cfg["cellpose"]
     return FlowParams(c["cellprob_threshold"], c["flow_threshold"], c["niter"], c["min_size"],
-                      c["max_size_fraction"], c["diameter"])
+                      c["max_size_fraction"], c["diameter"], c["exact"])
 
 
 def merge3d_params(cfg: dict[str, Any]):

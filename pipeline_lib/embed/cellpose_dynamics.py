@@ -4,7 +4,9 @@
 so it cannot live in the torch-free ``instances`` package: this module supplies the per-block function and
 ``instances.flows.flows_blockwise`` does the blocking and stitching (numpy only). The per-block call is
 exactly what ``CellposeModel.eval`` runs on a whole 2D image (``resize_and_compute_masks`` with its
-``niter``, thresholds, ``min_size`` and ``max_size_fraction``).
+``niter``, thresholds, ``min_size`` and ``max_size_fraction``). With ``FlowParams.exact`` (``cellpose.exact``)
+both run the blockwise-exact variant of ``embed.cellpose_exact`` instead, whose blocks equal its untiled
+result.
 """
 from __future__ import annotations
 
@@ -13,14 +15,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..instances.flows import FlowParams, flows_blockwise
+from ..instances.flows import FlowParams, drop_large, flows_blockwise
+from ..stitch.blockwise import segment_blockwise
 
 
 def cellpose_masks(flows: np.ndarray, params: FlowParams, device: str | torch.device = "cpu") -> np.ndarray:
     """Labels (uint32, consecutive) of one in-memory (3, Y, X) flow field, as ``CellposeModel.eval`` makes
-    them from its network outputs (``dP = flows[:2]``, ``cellprob = flows[2]``)."""
-    from cellpose import dynamics
+    them from its network outputs (``dP = flows[:2]``, ``cellprob = flows[2]``); with ``params.exact`` the
+    blockwise-exact variant (``embed.cellpose_exact.exact_masks``)."""
     flows = np.asarray(flows, dtype=np.float32)
+    if params.exact:
+        from .cellpose_exact import exact_masks
+        return exact_masks(flows, params, device)
+    from cellpose import dynamics
     masks = dynamics.resize_and_compute_masks(
         flows[:2], flows[2], niter=params.n_iter(), cellprob_threshold=params.cellprob_threshold,
         flow_threshold=params.flow_threshold, min_size=params.min_size,
@@ -32,7 +39,20 @@ def masks_blockwise(flows: Any, out: Any, params: FlowParams, block: int = 1024,
                     device: str | torch.device = "cpu", scratch: Any = None,
                     match_threshold: float = 0.5) -> dict[str, Any]:
     """Cellpose masks of ``flows`` (array-like (3, Y, X), e.g. a predictions zarr) into ``out`` (uint32
-    array-like (Y, X)), ``block`` x ``block`` at a time with ``halo`` (>= the largest object diameter)."""
+    array-like (Y, X)), ``block`` x ``block`` at a time with ``halo`` (>= the largest object diameter).
+
+    With ``params.exact`` each block runs ``embed.cellpose_exact.exact_block_masks`` at its offset in the
+    field and ``max_size_fraction`` is applied to the field after stitching: the result equals the untiled
+    ``cellpose_masks`` of the same params (for a halo that covers the paths, see ``embed.cellpose_exact``)."""
+    if params.exact:
+        from .cellpose_exact import exact_block_masks
+        shape = tuple(int(n) for n in out.shape)
+
+        def block_labels(b):
+            f = np.asarray(flows[(slice(None),) + b.outer], dtype=np.float32)
+            return exact_block_masks(f, params, (b.outer[0].start, b.outer[1].start), shape, device)
+        res = segment_blockwise(shape, out, block_labels, block, halo, scratch, match_threshold)
+        return drop_large(out, res, params.max_size_fraction, block)
     return flows_blockwise(flows, out, lambda f: cellpose_masks(f, params, device), block, halo, scratch,
                            match_threshold)
 

@@ -11,7 +11,8 @@ the largest object diameter every object is seen whole by the block that owns it
 Unlike cellpose's distributed mode (which merges labels that touch across block faces, and in 2D merges
 nothing), objects are joined by agreement, not by contact. Cellpose's dynamics are not translation-invariant
 (its interpolation grid depends on the window size), so blocks differ from the untiled result by a few
-boundary pixels; the test measures it (mSA >= 0.99 against the whole-image ``compute_masks``).
+boundary pixels; the test measures it (mSA >= 0.99 against the whole-image ``compute_masks``). With
+``cellpose.exact`` (``embed.cellpose_exact``) blocks are identical to the untiled result of that variant.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class FlowParams:
     min_size: int = 15
     max_size_fraction: float = 0.4
     diameter: float | None = None
+    exact: bool = False  # blockwise-exact variant (embed.cellpose_exact): blockwise == untiled
 
     def n_iter(self) -> int:
         """Euler steps as ``CellposeModel.eval`` chooses them (``int(200 / (30 / diameter))``)."""
@@ -59,6 +61,27 @@ def flows_blockwise(flows: Any, out: Any, block_masks: BlockMasks, block: int, h
     return segment_blockwise(tuple(out.shape), out,
                              lambda b: block_masks(np.asarray(flows[(slice(None),) + b.outer], dtype=np.float32)),
                              block, halo, scratch, match_threshold)
+
+
+def drop_large(out: Any, res: dict[str, Any], fraction: float, block: int = 1024) -> dict[str, Any]:
+    """Remove from ``out`` (stitched labels 1..n, array-like (Y, X)) the objects larger than ``fraction`` of
+    the field, as cellpose's ``max_size_fraction`` does per image, and renumber; ``res`` is the stitching's
+    result (its ``area`` per object), returned updated. Used by ``cellpose.exact``, where the rule is
+    field-wide (the same for every block); a pass over ``out`` only when some object is that large."""
+    area = np.asarray(res["area"])
+    big = area > fraction * float(np.prod(out.shape))
+    if not big.any():
+        return res
+    keep = ~big
+    lut = np.zeros(len(area) + 1, np.uint32)
+    lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
+    for y in range(0, out.shape[0], block):
+        for x in range(0, out.shape[1], block):
+            reg = (slice(y, min(y + block, out.shape[0])), slice(x, min(x + block, out.shape[1])))
+            out[reg] = lut[np.asarray(out[reg])]
+    k = int(keep.sum())
+    return {**res, "n_objects": k, "label": np.arange(1, k + 1), "area": area[keep],
+            "centroid": np.asarray(res["centroid"])[:, keep], "n_large_removed": int(big.sum())}
 
 
 def oracle_flows(labels: np.ndarray, flows_unit: np.ndarray, cellprob: float = 10.0) -> np.ndarray:

@@ -5,7 +5,8 @@
 percentiles (recorded in the field's predictions group as ``cellpose_normalization``), into a (3, Y, X)
 float16 predictions store of kind ``flows`` (dY, dX, cellprob). ``segment`` runs
 ``steps.segment.run_segment_batch`` with :func:`cellpose_instances` as the per-field step: cellpose's own
-dynamics per ``cellpose.mask_block`` block with ``cellpose.mask_halo``, stitched by halo-overlap matching.
+dynamics per ``cellpose.mask_block`` block with ``cellpose.mask_halo``, stitched by halo-overlap matching
+(``cellpose.exact``: the blockwise-exact variant, ``embed.cellpose_exact``).
 With ``predictions:`` set to such a store, only the mask step runs (no GPU, no model).
 """
 from __future__ import annotations
