@@ -3,6 +3,7 @@
 alone (its own batch steps, called directly), runs no GPU job of its own for any of them, names the shared
 job in each method's marker, and a retired batch of one method recomputes the shared job."""
 import json
+import re
 import subprocess
 import sys
 
@@ -97,12 +98,14 @@ def test_shared_embeddings_equal_each_method_alone(tiny_model, tmp_path):
     amg_plan = json.loads((out / "methods" / "amg" / "plan.json").read_text())
     assert retire_failed_batches(str(out / "methods" / "amg"), amg_plan, {"A/1/0"}) == ["b0000"]
     assert not job.exists() and (job.parent / "b0000.json.failed").exists()
+    (out / "methods" / "amg" / "jobs" / "complete.json").unlink()  # as its failed check_complete leaves it
     proc = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
                            str(tmp_path / "wd"), "--configfile", str(tmp_path / "wd" / "config.yaml"), "--cores", "1",
                            "--dry-run"], capture_output=True, text=True)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-3000:]
-    gpu = text.split("rule shared_embeddings:")[1].split("\n\n")[0]  # a cluster job on a GPU
-    assert "gpu=1" in gpu, gpu
-    for m in METHODS:  # on the submit host, no GPU
-        assert f"localrule {m}_adopt:" in text and f"rule {m}_predict:" not in text
+    resources = dict(re.findall(r"\nrule (\w+):\n(?:(?!\s*resources:).*\n)*\s*resources: ([^\n]*)", text))
+    assert "gpu=1" in resources["shared_embeddings"], text[-3000:]  # the GPU job, recomputed
+    for m in METHODS:  # every method's marker again, on the submit host (local rules), without a GPU
+        assert "gpu" not in resources[f"{m}_adopt"] and f"{m}_predict" not in resources
+        assert f"{m}_prompt_segment" not in resources
