@@ -27,7 +27,8 @@ SHARING = SHARED["methods"] if SHARED else []
 
 def _per_method_resources():
     """The profile's (or --set-resources/--set-threads) per-rule settings apply to each method's copy of the
-    rule too (`predict` -> `ais_predict`, ...), so the GPU partition of the slurm profile still applies. Uses
+    rule too (`predict` -> `ais_predict`, ...), so the GPU partition of the slurm profile still applies; a
+    profile without a `shared_embeddings` entry gives that job its `prompt_segment` settings. Uses
     Snakemake's parsed settings (9.x); skipped where they are not there."""
     settings = workflow.resource_settings
     for attr in ("_parsed_overwrite_resources", "_parsed_overwrite_threads"):
@@ -36,6 +37,8 @@ def _per_method_resources():
             for rule, value in list(table.items()):
                 for m in MULTI_METHODS:
                     table.setdefault(f"{m}_{rule}", value)
+            if "prompt_segment" in table:
+                table.setdefault("shared_embeddings", table["prompt_segment"])
 
 
 _per_method_resources()
