@@ -56,6 +56,47 @@ def _alone(cfg: dict, batch: str) -> tuple[dict, dict]:
     return plan, spec.step("segment")(cfg, plan, batch, model, f"{out}/segment.json")
 
 
+def test_failures_are_named_per_method(tiny_model, tmp_path):
+    """The shared job in process: a field that cannot be read fails every method with the reader's error; a
+    label image of one method held by another run fails that method's field only; the adopted markers."""
+    import os
+    import shutil
+
+    from pipeline_lib.io.locks import _proc_start
+    from pipeline_lib.methods import method_config
+    from pipeline_lib.steps.model import resolve_model
+    from pipeline_lib.steps.plan import lock_path, write_plan
+    from pipeline_lib.steps.shared_embeddings import adopt_shared_batch, run_shared_batch
+    plate = tmp_path / "p.ome.zarr"
+    write_synthetic_plate(plate, rows="A", columns=[1], fields=2, shape=(64, 80), nuclei=3)
+    shutil.rmtree(plate / "A" / "1" / "1" / "s0" / "0")  # field 1: its only chunk is gone
+    cfg = validate_config({"input": str(plate), "output": str(tmp_path / "out"), "method": METHODS,
+                           "model": {"checkpoint": tiny_model["checkpoint"], "decoder": tiny_model["decoder"],
+                                     "device": "cpu"}, "tiling": {"tile": 128, "halo": 16},
+                           "apg": {"foreground_threshold": 0.55, "center_distance_threshold": 0.66,
+                                   "boundary_distance_threshold": 0.66},
+                           "amg": {"points_per_side": 1, "pred_iou_threshold": -1.0, "stability_score_threshold": 0.0}})
+    plans = {}
+    for m in METHODS:
+        c = method_config(cfg, m)
+        plans[m] = write_plan(c, os.path.join(c["output"], "plan.json"))
+    held = lock_path(plans["amg"]["fields"][0])  # another live run (this process) writes AMG's labels of field 0
+    with open(held, "w") as f:
+        json.dump({"output": "/another/run", "host": os.uname().nodename, "pid": os.getpid(),
+                   "pid_start": _proc_start(os.getpid())}, f)
+    job = str(tmp_path / "out" / "jobs" / "shared_embeddings" / "b0000.json")
+    model = resolve_model(method_config(cfg, "apg"))
+    res = run_shared_batch(cfg, shared_embeddings(cfg), plans, "b0000", model, job, overlap=False)
+    by = {m: res["by_method"][m]["fields"] for m in METHODS}
+    for m in METHODS:
+        assert by[m]["A_1_1"]["status"] == "failed" and "A/1/1/s0" in by[m]["A_1_1"]["error"], by[m]
+        marker = adopt_shared_batch(job, m, str(tmp_path / m / "b0000.json"))
+        assert marker["fields"] == by[m] and marker["embeddings"]["from_job"] == job
+    assert by["amg"]["A_1_0"]["status"] == "failed" and "/another/run" in by["amg"]["A_1_0"]["error"]
+    assert by["apg"]["A_1_0"]["status"] in ("ok", "empty") and by["ais"]["A_1_0"] == {"status": "ok"}
+    assert np.asarray(_maps(plans["ais"]["fields"][0]["predictions"]), np.float32).max() > 0
+
+
 @pytest.mark.slow  # end-to-end through Snakemake: three methods, tiny model, two fields in one batch
 def test_shared_embeddings_equal_each_method_alone(tiny_model, tmp_path):
     plate = tmp_path / "p.ome.zarr"
