@@ -4,7 +4,8 @@
 # Data flow: model -> plan (checkpoint) -> per batch of fields:
 #   ais:     predict (GPU: decoder maps) -> segment (CPU: watershed)
 #   apg/amg: prompt_segment (GPU: embed, decode prompts, mask NMS)
-#   (the chain of each method: pipeline_lib/methods.py)
+#   (the chain of each method: pipeline_lib/methods.py; several methods: workflow/rules/methods.smk, where
+#   SAM methods share one encoder pass per tile)
 # -> measure (CPU: features in every channel, AnnData tables, accuracy vs ground truth) -> aggregate -> report
 # A folder of TIFF/CZI/ND2 files (ingest.source) is first converted into the OME-Zarr plate at `input`.
 # Volumes (single image with z > 1): workflow/rules/volume.smk (slices -> yx stitch -> 3D merge -> relabel).

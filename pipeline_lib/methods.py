@@ -39,6 +39,9 @@ class Method:
     prompt step (``f(cfg, decoder, blocks, maps, shape, tile, clock) -> (labels, info)``).
     ``slice_instances``: ``f(maps, params) -> labels`` of one in-memory (3, h, w) crop (volume slices of the
     predict -> segment chain). ``stack_instances``: ``volume.instances: stack`` applies (AIS in 3D).
+    ``embeddings``: the per-tile encoder output the method is computed from (``sam``: SAM's image encoder
+    on ``tiling`` tiles, and its decoder maps where the method reads them); methods of a list with the same
+    value share one encoder pass per tile (:func:`shared_embeddings`), None for a network of its own.
     """
 
     name: str
@@ -53,7 +56,18 @@ class Method:
     slice_instances: str | None = None
     stack_instances: bool = False
     network_reads_predictions: bool = False
+    embeddings: str | None = None
     description: str = ""
+
+    @property
+    def network_rule(self) -> str:
+        """The module rule that runs the network (``predict`` or ``prompt_segment``)."""
+        return "predict" if self.chain == "predict_segment" else "prompt_segment"
+
+    @property
+    def network_marker(self) -> str:
+        """The folder under ``jobs/`` of the network step's batch markers (``predict`` or ``segment``)."""
+        return "predict" if self.chain == "predict_segment" else "segment"
 
     def needs_decoder(self, cfg: dict[str, Any]) -> bool:
         """Whether the SAM instance decoder must run: the method uses decoder maps and they are not given."""
@@ -78,16 +92,17 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("apg", network="sam", store="sam_maps", chain="prompt_segment", sections=("apg", "encoder"),
            params="pipeline_lib.config:apg_params", segment="pipeline_lib.steps.prompt_segment:run_prompt_segment_batch",
            instances="pipeline_lib.steps.prompt_segment:apg_labels", network_reads_predictions=True,
+           embeddings="sam",
            description="automatic prompt generation: decoder maps give point prompts, SAM decodes them, mask NMS"),
     Method("ais", network="sam", store="sam_maps", chain="predict_segment", sections=("ais",),
            params="pipeline_lib.config:ais_params", predict="pipeline_lib.steps.predict:run_predict_batch",
            segment="pipeline_lib.steps.segment:run_segment_batch",
            instances="pipeline_lib.steps.segment:ais_instances",
-           slice_instances="pipeline_lib.instances.ais:ais_single", stack_instances=True,
+           slice_instances="pipeline_lib.instances.ais:ais_single", stack_instances=True, embeddings="sam",
            description="seeded watershed on the decoder maps"),
     Method("amg", network="sam", store=None, chain="prompt_segment", sections=("amg", "encoder"),
            params="pipeline_lib.config:amg_params", segment="pipeline_lib.steps.prompt_segment:run_prompt_segment_batch",
-           instances="pipeline_lib.steps.prompt_segment:amg_labels",
+           instances="pipeline_lib.steps.prompt_segment:amg_labels", embeddings="sam",
            description="SAM's point-grid automatic mask generator (no decoder)"),
     Method("cellpose_sam", network="cellpose", store="flows", chain="predict_segment", sections=("cellpose",),
            params="pipeline_lib.config:cellpose_params",
@@ -157,6 +172,23 @@ def method_config(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     out.update(method=name, output=method_output(cfg, name),
                labels=dict(cfg["labels"], name=method_label_name(cfg, name)))
     return out
+
+
+def shared_embeddings(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The methods of a list that share one encoder pass: ``{"lead", "methods"}`` or None.
+
+    Two or more methods with the same ``embeddings`` of which one runs the ``prompt_segment`` chain (its
+    per-field pipeline keeps a field's embeddings on the device while every sharer's instance step uses
+    them): that one (the first in the list) leads, and one GPU job per batch
+    (:func:`pipeline_lib.steps.shared_embeddings.run_shared_batch`) writes every sharer's labels or maps.
+    Plates and 2D images only (workflow/rules/methods.smk leaves volumes unshared)."""
+    names = method_names(cfg)
+    for key in dict.fromkeys(METHODS[m].embeddings for m in names if METHODS[m].embeddings):
+        group = [m for m in names if METHODS[m].embeddings == key and METHODS[m].uses_model(cfg)]
+        leads = [m for m in group if METHODS[m].chain == "prompt_segment"]
+        if len(group) >= 2 and leads:
+            return {"lead": leads[0], "methods": group, "embeddings": key}
+    return None
 
 
 def methods_index(cfg: dict[str, Any], plans: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 provenance.json. Memory is bounded by one batch table plus two columns of all objects (for exact medians)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -100,7 +101,9 @@ def check_complete(cfg: dict[str, Any], plan: dict[str, Any], out_dir: str, out_
 
 def retire_failed_batches(out_dir: str, plan: dict[str, Any], failed_paths: set[str]) -> list[str]:
     """Rename the job markers of batches holding a failed or missing field to ``*.failed``: the next run
-    sees them missing and recomputes just those batches (the outputs of this run stay readable meanwhile)."""
+    sees them missing and recomputes just those batches (the outputs of this run stay readable meanwhile).
+    A marker adopted from a shared job (``embeddings.from_job``: several methods from one encoder pass,
+    steps/shared_embeddings.py) retires that job too, so that the rerun recomputes the batch."""
     retired = []
     for batch, idx in sorted(plan["batches"].items()):
         if not any(plan["fields"][i]["path"] in failed_paths for i in idx):
@@ -108,9 +111,16 @@ def retire_failed_batches(out_dir: str, plan: dict[str, Any], failed_paths: set[
         for kind in ("predict", "segment", "measure"):
             marker = os.path.join(out_dir, "jobs", kind, f"{batch}.json")
             if os.path.exists(marker):
-                os.replace(marker, marker + ".failed")
+                _retire(read_json(marker).get("embeddings", {}).get("from_job"))
+                _retire(marker)
         retired.append(batch)
     return retired
+
+
+def _retire(path: str | None) -> None:
+    if path:
+        with contextlib.suppress(FileNotFoundError):  # e.g. another method's check retired that job already
+            os.replace(path, path + ".failed")
 
 
 def _plate_axis(plan: dict[str, Any], key: str) -> list[str]:

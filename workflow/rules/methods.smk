@@ -2,22 +2,33 @@
 # module whose config is that method's (pipeline_lib.methods.method_config): labels/<labels.name>_<method>
 # and the method's outputs (plan, tables, metrics, report) under <output>/methods/<method>/. Then
 # <output>/methods.json lists, per field, the label image of each method (for the comparison of methods).
-# Each method runs its own jobs (SAM embeddings are not yet shared between the SAM methods). The modules'
-# local rules (submit host: model download, plan, aggregate, report) are declared local here by their
-# prefixed names; a method added to pipeline_lib/methods.py needs its block below.
+# SAM embeddings are computed once for the methods that share them (registry field `embeddings`;
+# pipeline_lib.methods.shared_embeddings: two or more, one of them apg or amg): their modules' GPU rules
+# (predict / prompt_segment) are left out, one `shared_embeddings` GPU job per batch encodes each field once
+# and writes every sharer's labels (apg, amg) and decoder maps (apg, and ais, whose CPU segment rule then
+# reads them; pipeline_lib/steps/shared_embeddings.py), and a local `<method>_adopt` rule per sharer writes
+# that method's batch marker (its field statuses, and the job its embeddings came from). Not shared: volumes
+# (each method runs its own jobs) and, within the shared job, fields larger than tiling.field_block (each
+# sharer's own blockwise path). The modules' local rules (submit host: model download, plan, aggregate,
+# report) are declared local here by their prefixed names; a method added to pipeline_lib/methods.py needs
+# its block below.
 from pipeline_lib.io.ome_zarr import read_json, write_json_atomic
-from pipeline_lib.methods import method_config, method_output, methods_index
+from pipeline_lib.methods import method_config, method_output, methods_index, shared_embeddings
 from pipeline_lib.steps.logs import logged
 
 localrules: methods_index, compare_report
 
 MAIN_SNAKEFILE = workflow.main_snakefile
 MULTI_METHODS = method_names(CFG)
+MULTI_VOLUME = input_is_volume(CFG["input"])
+SHARED = None if MULTI_VOLUME else shared_embeddings(CFG)  # {"lead", "methods"} or None
+SHARING = SHARED["methods"] if SHARED else []
 
 
 def _per_method_resources():
     """The profile's (or --set-resources/--set-threads) per-rule settings apply to each method's copy of the
-    rule too (`predict` -> `ais_predict`, ...), so the GPU partition of the slurm profile still applies. Uses
+    rule too (`predict` -> `ais_predict`, ...), so the GPU partition of the slurm profile still applies; a
+    profile without a `shared_embeddings` entry gives that job its `prompt_segment` settings. Uses
     Snakemake's parsed settings (9.x); skipped where they are not there."""
     settings = workflow.resource_settings
     for attr in ("_parsed_overwrite_resources", "_parsed_overwrite_threads"):
@@ -26,6 +37,8 @@ def _per_method_resources():
             for rule, value in list(table.items()):
                 for m in MULTI_METHODS:
                     table.setdefault(f"{m}_{rule}", value)
+            if "prompt_segment" in table:
+                table.setdefault("shared_embeddings", table["prompt_segment"])
 
 
 _per_method_resources()
@@ -48,7 +61,13 @@ if "apg" in MULTI_METHODS:
         config:
             method_config(CFG, "apg")
 
-    use rule * from apg exclude all as apg_*
+    if "apg" in SHARING:  # its GPU rule (prompt_segment) is the shared job + apg_adopt below
+
+        use rule * from apg exclude all, prompt_segment as apg_*
+
+    else:
+
+        use rule * from apg exclude all as apg_*
 
 
 if "ais" in MULTI_METHODS:
@@ -59,7 +78,13 @@ if "ais" in MULTI_METHODS:
         config:
             method_config(CFG, "ais")
 
-    use rule * from ais exclude all as ais_*
+    if "ais" in SHARING:  # its GPU rule (predict) is the shared job + ais_adopt below
+
+        use rule * from ais exclude all, predict as ais_*
+
+    else:
+
+        use rule * from ais exclude all as ais_*
 
 
 if "amg" in MULTI_METHODS:
@@ -70,7 +95,13 @@ if "amg" in MULTI_METHODS:
         config:
             method_config(CFG, "amg")
 
-    use rule * from amg exclude all as amg_*
+    if "amg" in SHARING:  # its GPU rule (prompt_segment) is the shared job + amg_adopt below
+
+        use rule * from amg exclude all, prompt_segment as amg_*
+
+    else:
+
+        use rule * from amg exclude all as amg_*
 
 
 if "cellpose_sam" in MULTI_METHODS:
@@ -83,6 +114,48 @@ if "cellpose_sam" in MULTI_METHODS:
 
     use rule * from cellpose_sam exclude all as cellpose_sam_*
 
+
+if SHARING:
+    # One GPU job per batch: every sharer's labels / maps from one encoder pass per field.
+    rule shared_embeddings:
+        input:
+            plans=[f"{method_output(CFG, m)}/plan.json" for m in SHARING],
+            models=[f"{method_output(CFG, m)}/model.json" for m in SHARING],  # each method's model checks first
+        output:
+            f"{OUT}/jobs/shared_embeddings/{{batch}}.json",
+        params:
+            methods=SHARING, sections={m: method_sections(method_config(CFG, m)) for m in SHARING},
+            encoder=CFG["encoder"], tiling=CFG["tiling"], labels=CFG["labels"], channel=CFG["channel"],
+        threads: 4
+        resources:
+            gpu=1,
+        benchmark:
+            f"{OUT}/benchmarks/shared_embeddings/{{batch}}.tsv"
+        log:
+            f"{OUT}/logs/shared_embeddings/{{batch}}.log"
+        run:
+            from pipeline_lib.steps.shared_embeddings import run_shared_batch
+            logged(log, lambda: run_shared_batch(CFG, SHARED, dict(zip(SHARING, map(read_json, input.plans))),
+                                                 wildcards.batch, read_json(input.models[0]), output[0]))
+
+    # Per sharer, on the submit host: its batch marker (where its module's GPU rule would write it).
+    workflow.localrules(*(f"{m}_adopt" for m in SHARING))
+    for _m in SHARING:
+
+        rule:
+            name:
+                f"{_m}_adopt"
+            input:
+                f"{OUT}/jobs/shared_embeddings/{{batch}}.json",
+            output:
+                f"{method_output(CFG, _m)}/jobs/{get_method(_m).network_marker}/{{batch}}.json",
+            params:
+                method=_m,
+            log:
+                f"{method_output(CFG, _m)}/logs/adopt/{{batch}}.log"
+            run:
+                from pipeline_lib.steps.shared_embeddings import adopt_shared_batch
+                logged(log, lambda: adopt_shared_batch(input[0], params.method, output[0]))
 
 
 rule methods_index:
