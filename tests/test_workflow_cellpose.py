@@ -1,9 +1,7 @@
 """method cellpose_sam through the workflow (the method registry, flows stores, tiny model and oracle flows)."""
 import json
-import re
 
 import numpy as np
-import pandas as pd
 import pytest
 import zarr
 
@@ -164,70 +162,3 @@ def test_validate_checks_the_cellpose_model_not_the_sam_one(tmp_path):
     problems = check_runnable(validate_config(dict(base, cellpose={"model": str(tmp_path / "missing.pt")})))
     assert len(problems) == 1 and "cellpose.model" in problems[0] and "missing.pt" in problems[0]
     assert check_runnable(validate_config(base)) == []  # cpsam_v2: published, the SAM model is not used
-
-
-@pytest.mark.slow  # end-to-end through Snakemake: two methods, tiny models, real fields
-def test_two_methods_side_by_side(real_plate, tiny_model, tmp_path):
-    """method: [apg, cellpose_sam] on real fields (wells A/2 and B/4 of the real plate, 3 fields; tiny random
-    models): labels/<name>_<method>, each method's outputs under <output>/methods/<method>/, methods.json with
-    each field's label images, the comparison against the ground truth, and the report's comparison page."""
-    from pipeline_lib.models.cellpose import write_tiny_cellpose
-    plate = subset_plate(real_plate, tmp_path / "p.ome.zarr", ["A/2", "B/4"])
-    methods = ["apg", "cellpose_sam"]
-    cfg = {"input": str(plate), "output": str(tmp_path / "out"), "method": methods,
-           "model": {"checkpoint": tiny_model["checkpoint"], "decoder": tiny_model["decoder"], "device": "cpu"},
-           # random weights: thresholds that let both methods find objects
-           "apg": {"foreground_threshold": 0.0, "center_distance_threshold": 1.0, "boundary_distance_threshold": 1.0},
-           "cellpose": {"model": write_tiny_cellpose(tmp_path / "cp"), "cellprob_threshold": -100.0,
-                        "flow_threshold": 0.0, "niter": 20},
-           "tiling": {"tile": 1024, "halo": 64}, "ground_truth": "nuclei_gt"}
-    run_workflow(cfg, tmp_path / "wd")
-    out = tmp_path / "out"
-    index = json.loads((out / "methods.json").read_text())
-    assert index["methods"] == methods and len(index["fields"]) == 3
-    by_method = {f["path"]: f["labels_by_method"] for f in index["fields"]}
-    assert by_method["A/2/0"] == {m: f"{plate}/A/2/0/labels/sam_{m}" for m in methods}
-    for m in methods:
-        summary = json.loads((out / "methods" / m / "summary.json").read_text())
-        assert summary["method"] == m and summary["n_fields"] == 3 and summary["n_objects"] > 0
-        metrics = pd.read_csv(out / "methods" / m / "metrics.csv")
-        assert metrics["msa"].notna().any()  # scored against nuclei_gt
-        assert (out / "methods" / m / "report.html").exists()
-        assert _labels(by_method["B/4/0"][m]).shape == (520, 696)
-    assert json.loads((out / "methods" / "cellpose_sam" / "model.json").read_text())["name"] == "cpsam_tiny"
-    # the comparison: agreement per field and pair, accuracy per method, report.html with the section
-    agreement = pd.read_csv(out / "comparison" / "agreement.csv")
-    assert len(agreement) == 3 and set(agreement["status"]) == {"ok"}
-    assert agreement["msa"].between(0, 1).all()
-    assert set(pd.read_csv(out / "comparison" / "accuracy.csv")["method"]) == set(methods)
-    html = (out / "report.html").read_text()
-    assert 'id="comparison"' in html and 'href="methods/apg/report.html"' in html
-    assert "<h1>Methods side by side \u2013 BBBC039" in html  # the plate's name, as each method's report
-    from conftest import chromium, screenshot
-    try:
-        chromium()
-    except pytest.skip.Exception:
-        return
-    from PIL import Image
-    screenshot(out / "report.html", tmp_path / "compare.png", height=1800)
-    shot = np.asarray(Image.open(tmp_path / "compare.png").convert("RGB"))
-    # colour: the heatmaps' colour bars and the two scored wells of the 16 x 24 plate (a page without its
-    # figures is grey: < 0.001)
-    assert shot.std() > 10 and (np.abs(np.diff(shot.astype(int), axis=2)).sum(axis=2) > 60).mean() > 0.004
-    # a profile's per-rule resources (e.g. the slurm GPU partition) reach each method's copy of the rule
-    import subprocess
-    import sys
-
-    import yaml
-    from conftest import REPO
-    (tmp_path / "dry.yaml").write_text(yaml.safe_dump(dict(cfg, output=str(tmp_path / "dry"))))
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
-                           str(tmp_path), "--configfile", str(tmp_path / "dry.yaml"), "--cores", "1", "--dry-run",
-                           "--set-resources", "model:mem_mb=12345"], capture_output=True, text=True)
-    text = proc.stdout + proc.stderr
-    for m in methods:
-        res = re.search(rf"rule {m}_model:\n(?:(?!\s*resources:).*\n)*\s*resources: ([^\n]*)", text)
-        assert res and "mem_mb=12345" in res.group(1), text[-3000:]
-    with pytest.raises(Exception, match="predictions"):
-        validate_config(dict(cfg, predictions=str(tmp_path)))
-    assert validate_config(dict(cfg, method=["ais"]))["method"] == "ais"  # a list of one: today's layout
