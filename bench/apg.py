@@ -59,6 +59,7 @@ def _timed(fn, dev):
 def _profile(pd, dev) -> dict:
     """Wrap our stages (module functions the APG path calls, and the decoder's ``decode``) in timers; returns
     the dict they add their seconds to (``decode`` excludes the upsampling, which ``decode_points`` calls)."""
+    import pipeline_lib.embed.device_masks as dm
     import pipeline_lib.embed.prompt_decoder as pdm
     import pipeline_lib.instances.apg as apg
 
@@ -81,6 +82,8 @@ def _profile(pd, dev) -> dict:
     pdm.upsample_masks = wrap("upsample", pdm.upsample_masks)
     apg.mask_nms = wrap("nms", apg.mask_nms)
     apg.paint = wrap("paint", apg.paint)
+    dm.mask_nms = wrap("nms", dm.mask_nms)  # the device path (candidates on a GPU)
+    dm.paint = wrap("paint", dm.paint)
     return split
 
 
@@ -105,12 +108,14 @@ def main() -> None:
     from pipeline_lib.embed.oracle import oracle_maps
     from pipeline_lib.embed.preprocess import encoder_input, input_size, normalize_and_pad
     from pipeline_lib.embed.prompt_decoder import PromptDecoder, decode_points
-    from pipeline_lib.instances.apg import apg_segment
+    from pipeline_lib.embed.device_masks import assemble as device_assemble
+    from pipeline_lib.instances.apg import apg_segment, assemble
     from pipeline_lib.measure.metrics import segmentation_scores
     from pipeline_lib.models.tiny import build_tiny
     from pipeline_lib.tiling import block_grid
 
     dev = torch.device(args.device)
+    on_device = dev.type != "cpu"  # as the workflow: candidates stay on a GPU (torch NMS and painting)
     sam, decoder = build_tiny(0)
     sam, decoder = sam.to(dev), decoder.to(dev)
     pd = PromptDecoder(sam)
@@ -138,7 +143,8 @@ def main() -> None:
 
         def run_ours(blocks=blocks, shape=img.shape, maps=maps):
             return apg_segment(maps, max(shape), lambda tl, pts: (
-                decode_points(pd, blocks, shape, tl, pts, batch_size=args.batch_size)))
+                decode_points(pd, blocks, shape, tl, pts, batch_size=args.batch_size, on_device=on_device)),
+                assemble=device_assemble if on_device else assemble)
 
         best_ms = best_ours = float("inf")
         for _ in range(max(1, args.repeats)):

@@ -73,3 +73,22 @@ def test_stability_of_small_masks_batched_with_large_ones():
     ref, stab = reference_masks(logits, shape)
     assert np.allclose(np.nan_to_num(stab.numpy()), mb.stability, atol=1e-6)
     assert np.array_equal(mb.area, ref.sum((1, 2)).numpy())
+
+
+@pytest.mark.parametrize("shape", [(520, 696), (100, 37)])
+def test_decode_extent_gives_the_same_tile_masks(shape):
+    """Upscaling only the tokens under a tile's low-res extent leaves its masks unchanged."""
+    from pipeline_lib.embed.mask_upsample import low_res_extent
+    sam, _ = build_tiny(3)
+    torch.manual_seed(4)
+    pd = PromptDecoder(sam)
+    pd.set_tiles(torch.randn(1, 256, 64, 64))
+    tile = torch.zeros(6, dtype=torch.long)
+    coords = torch.rand(6, 1, 2) * torch.tensor([shape[1], shape[0]]) * 1024 / max(shape)
+    full, iou = pd.decode(tile, coords)
+    rows, cols = low_res_extent(shape)
+    part, iou2 = pd.decode(tile, coords, extent=(rows, cols))
+    assert torch.equal(part[..., :rows, :cols], full[..., :rows, :cols]) and torch.equal(iou, iou2)
+    origin = np.zeros((6, 2), np.int64)
+    a, b = (upsample_masks(x[:, 0], shape, origin, shape[1]) for x in (full, part))
+    assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("ptr", "pixels", "area", "stability", "bbox"))

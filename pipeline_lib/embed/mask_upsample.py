@@ -20,6 +20,7 @@ from .preprocess import input_size
 
 LOW_RES = 256
 ENCODER_SIZE = 1024
+FILL_LOGIT = -1e4  # low-res logits outside a tile's extent (never read: their interpolation weights are 0)
 
 
 def interp_matrix(n_in: int, n_out: int) -> torch.Tensor:
@@ -42,6 +43,13 @@ def _axis(n_out: int, n_resized: int) -> tuple[torch.Tensor, np.ndarray, np.ndar
     return r.float(), out_first, out_last, low_first, low_last
 
 
+def low_res_extent(tile_shape: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of the low-res logits with a non-zero weight in a tile's postprocessing (the resized
+    image's region plus the taps of its last row and column)."""
+    ih, iw = input_size(tile_shape)
+    return int(_axis(tile_shape[0], ih)[4][-1]) + 1, int(_axis(tile_shape[1], iw)[4][-1]) + 1
+
+
 @dataclass
 class MaskBatch:
     """Masks of one batch as CSR pixel lists in a field of width ``width`` (flat index ``y * width + x``)."""
@@ -54,11 +62,12 @@ class MaskBatch:
 
 
 def upsample_masks(logits: torch.Tensor, tile_shape: tuple[int, int], origin: np.ndarray, width: int,
-                   threshold: float = 0.0, offset: float = 1.0) -> MaskBatch:
+                   threshold: float = 0.0, offset: float = 1.0, on_device: bool = False) -> MaskBatch:
     """Masks ``logits > threshold`` at the tile's resolution for low-res ``logits`` (B, 256, 256).
 
     All masks belong to tiles of shape ``tile_shape``; ``origin`` (B, 2) is each mask's tile origin in the
-    field. The stability score is SAM's (``calculate_stability_score``) on the same logits.
+    field. The stability score is SAM's (``calculate_stability_score``) on the same logits. With
+    ``on_device`` the pixel lists stay on the logits' device (``pixels`` is then an int64 tensor there).
     """
     dev = logits.device
     b = logits.shape[0]
@@ -71,7 +80,8 @@ def upsample_masks(logits: torch.Tensor, tile_shape: tuple[int, int], origin: np
     rows_any = support.any(2).cpu().numpy()
     cols_any = support.any(1).cpu().numpy()
     alive = rows_any.any(1)
-    empty = MaskBatch(np.zeros(b + 1, np.int64), np.zeros(0, np.int64), np.zeros(b, np.int64),
+    no_pixels = torch.zeros(0, dtype=torch.int64, device=dev) if on_device else np.zeros(0, np.int64)
+    empty = MaskBatch(np.zeros(b + 1, np.int64), no_pixels, np.zeros(b, np.int64),
                       np.zeros(b, np.float32), np.zeros((b, 4), np.int64))
     if not alive.any():
         return empty
@@ -117,9 +127,15 @@ def upsample_masks(logits: torch.Tensor, tile_shape: tuple[int, int], origin: np
     ox = x0 + origin[:, 1]
     # flat field index of the true pixels: with f = (mask k, row y, col x) in C order and q = f // ww =
     # k * wh + y, the pixel (oy + y) * width + ox + x is f + q * (width - ww) + (oy * width + ox - k * wh * width)
-    f = _flat_true(mask)
-    pixels = f + (f // ww) * (width - ww)
-    pixels += np.repeat(oy * width + ox - np.arange(b, dtype=np.int64) * (wh * width), area_np)
+    shift = oy * width + ox - np.arange(b, dtype=np.int64) * (wh * width)
+    if on_device:
+        f = torch.nonzero(mask.reshape(-1)).flatten()
+        pixels = f + (f // ww) * (width - ww)
+        pixels += torch.repeat_interleave(torch.as_tensor(shift, device=dev), torch.as_tensor(area_np, device=dev))
+    else:
+        f = _flat_true(mask)
+        pixels = f + (f // ww) * (width - ww)
+        pixels += np.repeat(shift, area_np)
     bbox = np.zeros((b, 4), np.int64)
     has = area_np > 0
     if has.any():  # first/last row and column with a true pixel, from the masks' row and column projections

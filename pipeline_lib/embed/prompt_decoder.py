@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from ..instances.nms import Candidates, csr_take
+from . import device_masks as dm
+from .device_masks import DeviceCandidates
 from ..tiling import Block
-from .mask_upsample import MaskBatch, upsample_masks
+from .mask_upsample import FILL_LOGIT, MaskBatch, low_res_extent, upsample_masks
 from .preprocess import input_size
 
 
@@ -78,7 +80,8 @@ def _tokens_to_image_shared(att, q_in: torch.Tensor, k_heads: torch.Tensor, v_he
 
 def _image_to_tokens_parts(att, k_in: torch.Tensor, v_in: torch.Tensor):
     """The prompt-side factors of image->token attention: (B, H*T, C) query map, (B, H*T, 1) bias and
-    (B, H*T, C) values already multiplied by the output projection."""
+    (B, H*T, C) values already multiplied by the output projection, its bias folded in (each head's
+    attention weights over the T tokens sum to 1, so adding bias / H to every row adds the bias once)."""
     heads = att.num_heads
     b, t, _ = k_in.shape
     k = att.k_proj(k_in).reshape(b, t, heads, -1).transpose(1, 2)  # B H T d
@@ -89,8 +92,8 @@ def _image_to_tokens_parts(att, k_in: torch.Tensor, v_in: torch.Tensor):
     m = torch.einsum("hdc,bhtd->bhtc", wq, k).reshape(b, heads * t, -1)  # B (H T) C
     bias = torch.einsum("hd,bhtd->bht", bq, k).reshape(b, heads * t, 1)
     wo = att.out_proj.weight.reshape(att.out_proj.weight.shape[0], heads, d)  # C H d
-    vw = torch.einsum("bhtd,chd->bhtc", v, wo).reshape(b, heads * t, -1)  # B (H T) C
-    return m, bias, vw, heads, t
+    vw = torch.einsum("bhtd,chd->bhtc", v, wo) + att.out_proj.bias / heads
+    return m, bias, vw.reshape(b, heads * t, -1), heads, t  # vw: B (H T) C
 
 
 def _softmax_over_tokens(scores: torch.Tensor, heads: int, t: int) -> torch.Tensor:
@@ -113,7 +116,7 @@ def _image_to_tokens_per_tile(att, x_tiles: torch.Tensor, residual: torch.Tensor
         n = ms.shape[0]
         sc = torch.matmul(ms.reshape(n * heads * t, -1), x_tiles[ti].T).reshape(n, heads * t, -1) + bs
         a = _softmax_over_tokens(sc, heads, t)
-        o = torch.baddbmm((residual[ti] + att.out_proj.bias).expand(n, -1, -1), a.transpose(1, 2), vs)
+        o = torch.baddbmm(residual[ti].expand(n, -1, -1), a.transpose(1, 2), vs)
         if sel is None:
             out = o
         else:
@@ -121,12 +124,12 @@ def _image_to_tokens_per_tile(att, x_tiles: torch.Tensor, residual: torch.Tensor
     return out
 
 
-def _image_to_tokens(att, x_q: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor) -> torch.Tensor:
-    """Attention with queries = B x N image tokens and keys/values = B x T prompt tokens."""
+def _image_to_tokens(att, residual: torch.Tensor, x_q: torch.Tensor, k_in: torch.Tensor,
+                     v_in: torch.Tensor) -> torch.Tensor:
+    """``residual`` + attention with queries = B x N image tokens and keys/values = B x T prompt tokens."""
     m, bias, vw, heads, t = _image_to_tokens_parts(att, k_in, v_in)
-    b = m.shape[0]
     a = _softmax_over_tokens(torch.baddbmm(bias, m, x_q.transpose(1, 2)), heads, t)  # B (H T) N
-    return torch.baddbmm(att.out_proj.bias.expand(b, 1, -1), a.transpose(1, 2), vw)
+    return torch.baddbmm(residual, a.transpose(1, 2), vw)
 
 
 def _upscale_weights(up: torch.nn.Sequential) -> tuple[torch.Tensor, ...]:
@@ -141,26 +144,31 @@ def _upscale_weights(up: torch.nn.Sequential) -> tuple[torch.Tensor, ...]:
 
 
 def _upscaled_masks(up: torch.nn.Sequential, keys: torch.Tensor, hyper: torch.Tensor, hw: tuple[int, int],
-                    chunk: int = 4) -> torch.Tensor:
+                    extent: tuple[int, int] | None = None, chunk: int = 4) -> torch.Tensor:
     """Mask logits (B, M, 4h, 4w) = hypernetwork outputs (B, M, c) . upscaled image tokens (B, h*w, C).
 
     The same arithmetic as ``hyper @ output_upscaling(keys)`` kept channels-last throughout (no transposed
-    convolution, no layout copies), in chunks of prompts so the largest intermediate stays small."""
+    convolution, no layout copies), in chunks of prompts so the largest intermediate stays small. With
+    ``extent`` (rows, cols of logits) only the tokens covering it are upscaled; the rest is ``FILL_LOGIT``."""
     w1r, b1, w2r, b2 = _upscale_weights(up)
     ln = up[1]
     c1, c2 = up[0].weight.shape[1], up[3].weight.shape[1]
     b = keys.shape[0]
     h, w = hw
+    th, tw = (h, w) if extent is None else (min(h, -(-extent[0] // 4)), min(w, -(-extent[1] // 4)))
     m = hyper.shape[1]
-    out = torch.empty((b, m, h, 2, 2, w, 2, 2), device=keys.device, dtype=keys.dtype)
+    shape = (b, m, h, 2, 2, w, 2, 2)
+    out = (torch.empty(shape, device=keys.device, dtype=keys.dtype) if (th, tw) == (h, w) else
+           torch.full(shape, FILL_LOGIT, device=keys.device, dtype=keys.dtype))
+    grid = keys.reshape(b, h, w, -1)[:, :th, :tw]
     for s in range(0, b, chunk):
-        k = keys[s:s + chunk]
+        k = grid[s:s + chunk]
         z = torch.addmm(b1, k.reshape(-1, k.shape[-1]), w1r).reshape(-1, c1)  # (b n i j) C1
         z = F.gelu(F.layer_norm(z, (c1,), ln.weight, ln.bias, ln.eps))
         z = F.gelu(torch.addmm(b2, z, w2r))  # (b n i j) (k l C2)
         z = torch.bmm(z.reshape(len(k), -1, c2), hyper[s:s + chunk].transpose(1, 2))  # b (n i j k l) M
         # (y x i j k l) -> pixel (4y + 2i + k, 4x + 2j + l)
-        out[s:s + chunk] = z.reshape(len(k), h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
+        out[s:s + chunk, :, :th, :, :, :tw] = z.reshape(len(k), th, tw, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
     return out.reshape(b, m, 4 * h, 4 * w)
 
 
@@ -195,12 +203,14 @@ class PromptDecoder:
 
     @torch.no_grad()
     def decode(self, tile: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor | None = None,
-               multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               multimask: bool = False, extent: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-resolution mask logits (B, M, 256, 256) and predicted IoUs (B, M) for point prompts.
 
         ``tile``: (B,) index into the tile embeddings; ``coords``: (B, P, 2) x/y in encoder-input (1024)
         coordinates, as SAM's ``ResizeLongestSide.apply_coords`` gives them; ``labels``: (B, P), 1 = positive.
-        ``M`` is 1, or 3 with ``multimask`` (SAM's convention).
+        ``M`` is 1, or 3 with ``multimask`` (SAM's convention). ``extent`` (rows, cols): only the low-res
+        logits SAM's postprocessing reads for the tile (``mask_upsample.low_res_extent``) are computed, the
+        others are ``FILL_LOGIT`` (each 4x4 block of logits depends only on its own image token).
         """
         if self._tiles is None:
             raise RuntimeError("call set_tiles() before decode()")
@@ -238,16 +248,18 @@ class PromptDecoder:
                 keys = layer.norm4(_image_to_tokens_per_tile(layer.cross_attn_image_to_token, st["src_pe"],
                                                              st["src"], groups, queries + query_pe, queries))
             else:
-                keys = layer.norm4(keys + _image_to_tokens(layer.cross_attn_image_to_token, keys_pe,
-                                                           queries + query_pe, queries))
+                keys = layer.norm4(_image_to_tokens(layer.cross_attn_image_to_token, keys, keys_pe,
+                                                    queries + query_pe, queries))
+        # the final attention only for the tokens read out: the IoU token and the mask tokens used
+        first, n_masks = (1, md.num_mask_tokens - 1) if multimask else (0, 1)
+        rows = [0] + list(range(1 + first, 1 + first + n_masks))
+        queries, query_pe = queries[:, rows], query_pe[:, rows]
         attn = _tokens_to_image(tr.final_attn_token_to_image, queries + query_pe, keys + pe, keys)
         queries = tr.norm_final_attn(queries + attn)
 
-        first, n_masks = (1, md.num_mask_tokens - 1) if multimask else (0, 1)
-        mask_tokens = queries[:, 1 + first:1 + first + n_masks, :]
-        hyper = torch.stack([md.output_hypernetworks_mlps[first + j](mask_tokens[:, j, :]) for j in range(n_masks)],
+        hyper = torch.stack([md.output_hypernetworks_mlps[first + j](queries[:, 1 + j, :]) for j in range(n_masks)],
                             dim=1)
-        masks = _upscaled_masks(md.output_upscaling, keys, hyper, st["hw"])
+        masks = _upscaled_masks(md.output_upscaling, keys, hyper, st["hw"], extent)
         iou = md.iou_prediction_head(queries[:, 0, :])[:, first:first + n_masks]
         return masks, iou
 
@@ -272,13 +284,16 @@ def reference_decode(sam: torch.nn.Module, embedding: torch.Tensor, coords: torc
 
 def decode_points(decoder: PromptDecoder, blocks: Sequence[Block], field_shape: tuple[int, int],
                   tile: np.ndarray, points: np.ndarray, batch_size: int = 64, multimask: bool = False,
-                  keep: Callable[[MaskBatch, np.ndarray], np.ndarray] | None = None) -> Candidates:
+                  keep: Callable[[MaskBatch, np.ndarray], np.ndarray] | None = None,
+                  on_device: bool = False) -> Candidates | DeviceCandidates:
     """Candidate masks for point prompts (y, x in field coordinates), each decoded against the embedding of
     ``blocks[tile[k]]`` (``set_tiles`` order) over the tile with its halo.
 
     Prompts of all tiles with the same outer shape share batches. ``keep(batch, iou)`` filters
-    each batch before it is stored, so memory holds only the surviving masks.
+    each batch before it is stored, so memory holds only the surviving masks. With ``on_device`` the pixel
+    lists stay on the decoder's device (``device_masks.DeviceCandidates``, for ``device_masks.assemble``).
     """
+    take = dm.csr_take if on_device else csr_take
     tile = np.asarray(tile, np.int64)
     points = np.asarray(points, np.float64)
     parts = []
@@ -297,13 +312,17 @@ def decode_points(decoder: PromptDecoder, blocks: Sequence[Block], field_shape: 
             idx = members[s:s + batch_size]
             local = points[idx] - origins[tile[idx]]
             coords = torch.as_tensor(local[:, ::-1] * scale, dtype=torch.float32)[:, None, :]
-            logits, iou = decoder.decode(torch.as_tensor(tile[idx]), coords, multimask=multimask)
+            logits, iou = decoder.decode(torch.as_tensor(tile[idx]), coords, multimask=multimask,
+                                         extent=low_res_extent(shape))
             m = logits.shape[1]
             mb = upsample_masks(logits.flatten(0, 1), shape, np.repeat(origins[tile[idx]], m, axis=0),
-                                field_shape[1])
+                                field_shape[1], on_device=on_device)
             iou_np = iou.flatten().float().cpu().numpy()
             pts = np.repeat(points[idx], m, axis=0)
             sel = np.flatnonzero(keep(mb, iou_np) if keep is not None else np.ones(len(iou_np), bool))
-            ptr, pix = csr_take(mb.ptr, mb.pixels, sel)
+            ptr, pix = take(torch.as_tensor(mb.ptr, device=decoder.device) if on_device else mb.ptr, mb.pixels, sel)
+            ptr = ptr.cpu().numpy() if on_device else ptr
             parts.append((ptr, pix, mb.area[sel], iou_np[sel], mb.stability[sel], mb.bbox[sel], pts[sel]))
+    if on_device:
+        return DeviceCandidates.concat(tuple(field_shape), parts, decoder.device)
     return Candidates.concat(tuple(field_shape), parts)

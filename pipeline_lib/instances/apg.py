@@ -17,6 +17,9 @@ from .prompts import apg_points, grid_points
 
 # decode(tile index per prompt, (N, 2) y/x field coordinates) -> candidate masks
 Decode = Callable[[np.ndarray, np.ndarray], Candidates]
+# assemble(candidates, scores, nms_threshold, min_size, drop_largest) -> labels: :func:`assemble` here, or one
+# that keeps the candidates on the decoder's device (``embed.device_masks.assemble``)
+Assemble = Callable[..., np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,8 @@ def assemble(cand: Candidates, scores: np.ndarray, nms_threshold: float, min_siz
     return paint(cand, order, min_size, drop_largest)
 
 
-def apg_segment(maps: np.ndarray, tile: int, decode: Decode, p: APGParams = APGParams()) -> tuple[np.ndarray, dict]:
+def apg_segment(maps: np.ndarray, tile: int, decode: Decode, p: APGParams = APGParams(),
+                assemble: Assemble = assemble) -> tuple[np.ndarray, dict]:
     """APG labels for one field from its decoder maps (3, Y, X); ``decode`` predicts masks per tile."""
     shape = maps.shape[1:]
     pts = apg_points(maps, p.foreground_threshold, p.center_distance_threshold, p.boundary_distance_threshold)
@@ -80,7 +84,7 @@ def amg_points(blocks: Sequence[Block], points_per_side: int) -> tuple[np.ndarra
 
 
 def amg_segment(shape: Sequence[int], blocks: Sequence[Block], decode: Decode,
-                p: AMGParams = AMGParams()) -> tuple[np.ndarray, dict]:
+                p: AMGParams = AMGParams(), assemble: Assemble = assemble) -> tuple[np.ndarray, dict]:
     """AMG labels for one field (models without a decoder): grid prompts, 3 masks each, filters, NMS."""
     tiles, pts = amg_points(blocks, p.points_per_side)
     cand = decode(tiles, pts)

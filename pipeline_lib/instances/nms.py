@@ -18,6 +18,8 @@ GEMM_BYTES = 256 * 2**20  # largest masks x field pixels 0/1 matrix (uint8) of t
 def csr_take(ptr: np.ndarray, pixels: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(ptr, pixels) of the selected rows of a CSR pixel list, in the order of ``rows``."""
     rows = np.asarray(rows, np.int64)
+    if len(rows) == len(ptr) - 1 and np.array_equal(rows, np.arange(len(rows))):
+        return ptr, pixels  # every row in order: nothing to copy
     lengths = (ptr[1:] - ptr[:-1])[rows]
     out = np.zeros(len(rows) + 1, np.int64)
     np.cumsum(lengths, out=out[1:])
@@ -59,6 +61,8 @@ class Candidates:
     def subset(self, keep: np.ndarray) -> "Candidates":
         keep = np.asarray(keep)
         if keep.dtype == bool:
+            if keep.all():
+                return self
             keep = np.flatnonzero(keep)
         ptr, pixels = csr_take(self.ptr, self.pixels, keep)
         return Candidates(self.shape, ptr, pixels, self.area[keep], self.iou[keep], self.stability[keep],
@@ -109,19 +113,19 @@ def _multi_columns(c: Candidates, multi: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _overlaps_gemm(c: Candidates, multi: np.ndarray, n_multi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``overlaps`` as ``D @ D.T`` for the 0/1 matrix D (masks x multiply covered pixels), in float32 column
-    chunks of 2^16 pixels (every partial count is an exact float32 integer), summed in float64."""
+    """``overlaps`` as ``D @ D.T`` for the 0/1 matrix D (masks x pixels), in float32 column chunks of at most
+    2^16 pixels (every partial count is an exact float32 integer), summed in float64. Chunks are contiguous
+    column slices (no gather): pixels covered once only add to the diagonal, which is not read; chunks
+    without a multiply covered pixel are skipped."""
     n = len(c)
     size = len(multi)
-    # masks x all pixels (one scatter, no per-pixel column lookup); the chunks keep the multiply covered ones
-    d = np.zeros((n, size), np.uint8)
+    d = np.zeros((n, size), np.uint8)  # masks x all pixels, one scatter
     d.reshape(-1)[np.repeat(np.arange(n, dtype=np.int64) * size, c.ptr[1:] - c.ptr[:-1]) + c.pixels] = 1
     acc = np.zeros((n, n), np.float64)
-    width = 1 << 16
+    width = int(min(1 << 16, max(1024, (1 << 20) // n)))  # a float32 chunk of ~4 MB stays in cache
     for c0 in range(0, size, width):
-        cols = np.flatnonzero(multi[c0:c0 + width]) + c0
-        if len(cols):
-            x = d[:, cols].astype(np.float32)
+        if multi[c0:c0 + width].any():
+            x = d[:, c0:c0 + width].astype(np.float32)
             acc += x @ x.T
     inter = acc.astype(np.int64)
     i, j = np.nonzero(np.triu(inter, k=1))
@@ -198,16 +202,20 @@ def paint(c: Candidates, order: np.ndarray, min_size: int = 0, drop_largest: boo
     seg = np.zeros(h * w, np.uint32)
     if len(order):
         # first claim wins: each pixel takes the smallest paint rank of the masks covering it
-        none = np.iinfo(np.int64).max
+        none = np.iinfo(np.int64).max  # masks not in ``order`` carry it: the fill value, they never claim
         rank_of = np.full(len(c), none, np.int64)
         rank_of[order] = np.arange(len(order))
-        rank = rank_of[c.owners()]
-        sel = rank != none
         best = np.full(h * w, none, np.int64)
-        np.minimum.at(best, c.pixels[sel], rank[sel])
+        np.minimum.at(best, c.pixels, np.repeat(rank_of, c.ptr[1:] - c.ptr[:-1]))
         hit = best != none
         seg[hit] = best[hit] + 1
-    frag = cc_label(seg.reshape(h, w), connectivity=1, background=0).astype(np.uint32)
+    return fragments(seg.reshape(h, w), min_size, drop_largest)
+
+
+def fragments(seg: np.ndarray, min_size: int = 0, drop_largest: bool = False) -> np.ndarray:
+    """The last step of :func:`paint` on its painted image (paint rank + 1, 0 unclaimed): 4-connected
+    fragments, the small ones (and with ``drop_largest`` the largest) dropped, relabelled in raster order."""
+    frag = cc_label(seg, connectivity=1, background=0).astype(np.uint32)
     sizes = np.bincount(frag.ravel())
     drop = sizes < min_size
     if drop_largest:  # micro-sam: the largest id, background included (then nothing is dropped)

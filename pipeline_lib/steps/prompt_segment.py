@@ -23,11 +23,12 @@ import zarr
 from tqdm import tqdm
 
 from ..config import amg_params, apg_params
+from ..embed import device_masks
 from ..embed.predict import embed_prepared, prepare_field
 from ..embed.prompt_decoder import PromptDecoder, decode_points
 from ..engine.overlap import DeviceClock, StageTimes, run_pipeline, timing_line
 from ..engine.runner import UNIT_ERRORS, debug, describe, failed, log_failure, run_units
-from ..instances.apg import amg_segment, apg_segment
+from ..instances.apg import amg_segment, apg_segment, assemble
 from ..methods import get_method
 from .large_field import is_large, segment_large_field
 from .model import load_resolved
@@ -54,6 +55,11 @@ def _timed(fn: Callable, clock: DeviceClock | None) -> Callable:
     return run
 
 
+def _on_device(decoder: PromptDecoder) -> bool:
+    """Candidates stay on the decoder's device (torch NMS and painting) when it is a GPU."""
+    return decoder.device.type != "cpu"
+
+
 def prompt_labels(cfg: dict[str, Any], decoder: PromptDecoder, blocks: list, emb, maps: np.ndarray | None,
                   shape: tuple[int, int], tile: int, clock: DeviceClock | None = None) -> tuple[np.ndarray, dict]:
     """Labels of one 2D image from its tile embeddings (and, for APG, its decoder maps), by the configured
@@ -67,8 +73,10 @@ def apg_labels(cfg: dict[str, Any], decoder: PromptDecoder, blocks: list, maps: 
     """APG: point prompts from the decoder maps, decoded by SAM on the tiles set in ``decoder``."""
     p = apg_params(cfg)
     keep = (lambda mb, iou: mb.area > p.min_size)
-    decode = (lambda t, pts: decode_points(decoder, blocks, shape, t, pts, cfg["apg"]["batch_size"], keep=keep))
-    return apg_segment(maps, tile, _timed(decode, clock), p)
+    dev = _on_device(decoder)
+    decode = (lambda t, pts: decode_points(decoder, blocks, shape, t, pts, cfg["apg"]["batch_size"], keep=keep,
+                                           on_device=dev))
+    return apg_segment(maps, tile, _timed(decode, clock), p, device_masks.assemble if dev else assemble)
 
 
 def amg_labels(cfg: dict[str, Any], decoder: PromptDecoder, blocks: list, maps: None,
@@ -77,9 +85,10 @@ def amg_labels(cfg: dict[str, Any], decoder: PromptDecoder, blocks: list, maps: 
     p = amg_params(cfg)
     keep = (lambda mb, iou: (iou > p.pred_iou_threshold) & (mb.stability >= p.stability_score_threshold)
             & (mb.area > 0))
+    dev = _on_device(decoder)
     decode = (lambda t, pts: decode_points(decoder, blocks, shape, t, pts, cfg["amg"]["batch_size"],
-                                           multimask=True, keep=keep))
-    return amg_segment(shape, blocks, _timed(decode, clock), p)
+                                           multimask=True, keep=keep, on_device=dev))
+    return amg_segment(shape, blocks, _timed(decode, clock), p, device_masks.assemble if dev else assemble)
 
 
 def field_stages(cfg: dict[str, Any], plan: dict[str, Any], model, decoder: PromptDecoder,
