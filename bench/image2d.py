@@ -200,7 +200,8 @@ def run_case(case: str, size: int, args, work: Path, tiny: dict | None) -> dict:
     info = write_image2d(work / "img.ome.zarr", size, pred, chunk=args.tile, block=args.gen_block)
     t_gen = time.time() - t0
     cfg = {"input": str(work / "img.ome.zarr"), "output": str(work / "out"), "method": case,
-           "tiling": {"tile": args.tile, "halo": args.halo, "field_block": args.field_block},
+           "tiling": {"tile": args.tile, "halo": args.halo, "field_block": args.field_block,
+                      "field_halo": args.field_halo},
            "ground_truth": "nuclei_gt"}
     if case == "ais":
         cfg["predictions"] = str(pred)
@@ -252,6 +253,7 @@ def _short(rule: str) -> str:
 def print_table(rows: list[dict], args) -> None:
     rules = sorted({k for r in rows for k in r["peak_rss_mb"]})
     print(f"\n2D single image, real workflow, tile {args.tile}, halo {args.halo}, field_block {args.field_block}, "
+          f"field_halo {args.field_halo}, "
           f"{args.cores} cores (wall time = workflow only; generation not included)")
     head = f"{'case':>4} {'size (px)':>13} {'objects':>9} {'wall s':>7} {'Mpx/s':>6} {'jobs':>4} " + \
         " ".join(f"{_short(r):>8}" for r in rules) + f" {'mSA':>6}"
@@ -275,6 +277,7 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--halo", type=int, default=64)
     ap.add_argument("--field-block", type=int, default=2048, help="tiling.field_block (APG blocks)")
+    ap.add_argument("--field-halo", type=int, default=256, help="tiling.field_halo (>= the largest object, 23 px)")
     ap.add_argument("--encoder-batch", type=int, default=None, help="encoder.batch_size for APG (default: schema's)")
     ap.add_argument("--gen-block", type=int, default=2048, help="generation block (px)")
     ap.add_argument("--cores", type=int, default=2)
