@@ -180,7 +180,8 @@ def _device_busy(clock):
 def embed_prepared(model: SamModel, tiles: list[_Tile], batch_size: int = 8, precision: str = "fp32",
                    with_maps: bool = True, clock=None) -> tuple[torch.Tensor, np.ndarray | None]:
     """Embeddings (T, C, 64, 64, on the device) and, with ``with_maps``, float32 maps (3, Y, X) of one
-    field's prepared tiles; the same batches and arithmetic as ``embed_tasks`` for that field alone.
+    field's prepared tiles; the same batches and arithmetic as ``embed_tasks`` for that field alone. Each
+    tile's ``pixels`` are dropped once encoded.
     ``clock`` (``engine.overlap.DeviceClock``) times the device calls."""
     device = model.device
     task = tiles[0].task
@@ -190,6 +191,8 @@ def embed_prepared(model: SamModel, tiles: list[_Tile], batch_size: int = 8, pre
         batch = tiles[i:i + batch_size]
         with _device_busy(clock):
             x = normalize_and_pad([t.pixels for t in batch], device)
+            for t in batch:  # encoded: a block of many tiles does not hold every tile's input to the end
+                t.pixels = None
             with _autocast(device, precision):
                 emb = model.sam.image_encoder(x)
             if with_maps:
