@@ -17,22 +17,21 @@ last 0.2 s of a job). The point to show: peak RSS per job stays flat when the im
 grows 4x (it is bounded by the block/tile, not the image).
 
     python bench/image2d.py --cases ais                                  # AIS 8192^2 and 16384^2
-    python bench/image2d.py --cases apg --apg-size 2048 --field-block 1024 # APG 2048^2 and 4096^2
-    python bench/image2d.py --cases apg --apg-size 1024 --field-block 512  # APG 1024^2 and 2048^2
+    python bench/image2d.py --cases ais --ais-size 2048 --grow 4 16        # AIS 2048^2, 4096^2, 8192^2
+    python bench/image2d.py --cases apg --apg-size 512 --field-block 256 --field-halo 64 --grow 4 16
     python bench/image2d.py --ais-size 32768 --apg-size 8192 --field-block 4096 --grow 4 16   # the issue's
     python bench/image2d.py --cases ais --repeat 3  # run-to-run noise of the peak RSS
 
-Run so far (2 cores shared with other jobs, load 3-10; 2026-12-02): the first three lines above, i.e. AIS at
-8k^2 and 16k^2 (tile 512, halo 64) and APG with the tiny model on the CPU at 2k^2/4k^2 (field_block 1024)
-and 1k^2/2k^2 (field_block 512), field_halo 256. Not run: the issue's 32k^2 AIS and 8k^2 APG, and 16x.
-Findings (peak MB of the largest job): AIS segment 1054 -> 874 (bounded: blocks plus the 512 MB map cache
-of instances.ais); measure 447 -> 574 and aggregate 287 -> 390 grow with the object count (90k -> 363k
-objects, ~0.4-0.5 kB per object: the per-object feature DataFrame and its copies in steps/measure, the
-whole batch table in steps/aggregate.concat_parquet/object_areas, one batch = the whole image). APG
-prompt_segment (VmHWM, field_block 512) 2768 -> 2905 MB from 1k^2 to 2k^2 (+5 %); Snakemake's max_rss
-read 2055 for the first, i.e. 30 s sampling misses ~0.7 GB peaks (the earlier field_block 1024 runs,
-3880 -> 4181, are max_rss only). Most of it is the encoder batch (encoder.batch_size 8 tiles at 1024^2 on
-the CPU; 2059 -> 1372 MB max_rss with batch_size 1). Wall times are dominated by the machine's load.
+Run so far: see README ("Large 2D images" under Benchmarks) for the tables. History: before the memory
+fixes of 2026-12-02 the APG prompt_segment job peaked at 2.8 GB (1k^2, field_block 512, encoder batch 8 on
+the CPU): the global-attention bias and scores of the whole batch in one call (2.1 GB) and the instance
+decoder's full-resolution activations of the whole batch (2.7 GB at once, ~300 MB per tile). Now the
+attention is chunked over query rows (embed/encoder.py, 64 MB bias per call), the decoder runs in
+sub-batches under 512 MiB (embed/predict.py), the prompt decoder computes a tile's layer-1 terms when its
+prompts are decoded (4 tiles cached, not 4 extra copies of every embedding of a block), and encoded tiles
+drop their input; measure writes each field's table at once and aggregate reads row group by row group.
+The issue's sizes (32k^2 AIS, 8k^2 APG, 256 x 4096^2 volumes) and 16x were not run on the shared 2-core
+machine (load 10-14 during these runs: a 512^2 APG run took 15 min of wall time, mostly job start-up).
 """
 from __future__ import annotations
 
@@ -200,7 +199,8 @@ def run_case(case: str, size: int, args, work: Path, tiny: dict | None) -> dict:
     info = write_image2d(work / "img.ome.zarr", size, pred, chunk=args.tile, block=args.gen_block)
     t_gen = time.time() - t0
     cfg = {"input": str(work / "img.ome.zarr"), "output": str(work / "out"), "method": case,
-           "tiling": {"tile": args.tile, "halo": args.halo, "field_block": args.field_block},
+           "tiling": {"tile": args.tile, "halo": args.halo, "field_block": args.field_block,
+                      "field_halo": args.field_halo},
            "ground_truth": "nuclei_gt"}
     if case == "ais":
         cfg["predictions"] = str(pred)
@@ -252,6 +252,7 @@ def _short(rule: str) -> str:
 def print_table(rows: list[dict], args) -> None:
     rules = sorted({k for r in rows for k in r["peak_rss_mb"]})
     print(f"\n2D single image, real workflow, tile {args.tile}, halo {args.halo}, field_block {args.field_block}, "
+          f"field_halo {args.field_halo}, "
           f"{args.cores} cores (wall time = workflow only; generation not included)")
     head = f"{'case':>4} {'size (px)':>13} {'objects':>9} {'wall s':>7} {'Mpx/s':>6} {'jobs':>4} " + \
         " ".join(f"{_short(r):>8}" for r in rules) + f" {'mSA':>6}"
@@ -275,6 +276,7 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--halo", type=int, default=64)
     ap.add_argument("--field-block", type=int, default=2048, help="tiling.field_block (APG blocks)")
+    ap.add_argument("--field-halo", type=int, default=256, help="tiling.field_halo (>= the largest object, 23 px)")
     ap.add_argument("--encoder-batch", type=int, default=None, help="encoder.batch_size for APG (default: schema's)")
     ap.add_argument("--gen-block", type=int, default=2048, help="generation block (px)")
     ap.add_argument("--cores", type=int, default=2)

@@ -2,7 +2,8 @@
 decoder maps, segmented by the real workflow from those maps (AIS, no model), at a base size and at 4x.
 
 Prints, per size: generation time, workflow wall time, voxels per second, jobs (per rule and in all), the
-peak memory (max RSS from Snakemake's ``benchmark:`` files) of the largest job of each rule, and the accuracy
+peak memory (the larger of Snakemake's ``benchmark:`` max_rss and the jobs' exact VmHWM, as in bench/image2d.py) of
+the largest job of each rule, and the accuracy
 against the synthetic GT. Peak memory per job should stay the same when the volume grows: it is bounded by
 the block and ``volume.blocks_per_job`` (give a small ``--blocks-per-job`` so that the small sizes have
 several jobs per rule, as the large ones do at the default).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,9 @@ sys.path.insert(0, str(REPO))
 from pipeline_lib.io.synthetic_volume import write_synthetic_volume  # noqa: E402
 from pipeline_lib.measure.metrics import segmentation_scores  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+from image2d import HwmSampler  # noqa: E402
+
 
 def run_size(shape, args, work: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
@@ -47,11 +52,14 @@ def run_size(shape, args, work: Path) -> dict:
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(work),
            "--configfile", str(work / "config.yaml"), "--cores", str(args.cores), "--quiet", "rules"]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with open(work / "snakemake.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        with HwmSampler(proc.pid) as sampler:
+            rc = proc.wait()
     t_run = time.time() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"workflow failed:\n{proc.stderr[-4000:]}")
-    peaks, jobs = {}, {}
+    if rc != 0:
+        raise SystemExit(f"workflow failed:\n{(work / 'snakemake.log').read_text()[-4000:]}")
+    peaks, jobs = dict(sampler.peaks()), {}  # exact VmHWM of every job process (see bench/image2d.py)
     for tsv in glob.glob(str(work / "out" / "benchmarks" / "**" / "*.tsv"), recursive=True):
         rule = Path(tsv).parent.name if Path(tsv).parent.name != "benchmarks" else Path(tsv).stem
         rss = float(pd.read_csv(tsv, sep="\t")["max_rss"].max())
@@ -74,7 +82,8 @@ def run_size(shape, args, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs=3, default=[64, 1024, 1024])
-    ap.add_argument("--grow", type=int, default=4, help="also run a volume this many times larger (yx), 1 = off")
+    ap.add_argument("--grow", type=int, nargs="*", default=[4], help="also run volumes this many times larger (yx)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per size (run-to-run noise of the peak RSS)")
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--halo", type=int, default=64)
     ap.add_argument("--z-block", type=int, default=16)
@@ -84,15 +93,17 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="keep the data here (default: a temporary directory)")
     args = ap.parse_args()
     shapes = [tuple(args.shape)]
-    if args.grow > 1:
-        f = int(round(np.sqrt(args.grow)))
+    for g in args.grow:
+        f = int(round(np.sqrt(g)))
         shapes.append((args.shape[0], args.shape[1] * f, args.shape[2] * f))
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         rows = []
         for shape in shapes:
-            r = run_size(shape, args, Path(tmp) / "x".join(map(str, shape)))
-            rows.append(r)
-            print(json.dumps(r, default=float), flush=True)
+            for rep in range(args.repeat):
+                r = run_size(shape, args, Path(tmp) / ("x".join(map(str, shape)) + f"_{rep}"))
+                rows.append(r)
+                print(json.dumps(r, default=float), flush=True)
+                shutil.rmtree(Path(tmp) / ("x".join(map(str, shape)) + f"_{rep}"), ignore_errors=True)
     print(f"\nvolume workflow from oracle maps (AIS), tile {args.tile}, halo {args.halo}, z_block {args.z_block}, "
           f"{args.cores} cores")
     print(f"{'shape':>18} {'voxels':>12} {'objects':>8} {'blocks':>6} {'jobs':>5} {'gen s':>7} {'run s':>7} "

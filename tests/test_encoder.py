@@ -60,15 +60,16 @@ def test_sdpa_encoder_equals_stock(name, precision):
     assert torch.corrcoef(torch.stack([got.ravel(), ref32.ravel()]))[0, 1] > 0.999
 
 
-def test_chunked_global_attention_equals_one_call(monkeypatch):
-    """Global blocks split the batch into chunks when the bias would be large: same result."""
+@pytest.mark.parametrize("limit", [2 * 256 * 256, 2 * 256 * 16 * 3])  # one image per call; 3 of 16 grid rows
+def test_chunked_global_attention_equals_one_call(monkeypatch, limit):
+    """Global blocks split the batch (into images, then query rows) when the bias would be large: same result."""
     import pipeline_lib.embed.encoder as enc_mod
     stock = stock_encoder(64, 2, 256, seed=3)
     ours = accelerate_encoder(copy.deepcopy(stock))
     x = torch.randn(3, 3, 256, 256, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         whole = ours(x)
-        monkeypatch.setattr(enc_mod, "GLOBAL_BIAS_ELEMENTS", 2 * 256 * 256)  # one image per call
+        monkeypatch.setattr(enc_mod, "ATTN_BIAS_ELEMENTS", limit)
         chunked = ours(x)
         ref = stock(x)
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)

@@ -118,3 +118,35 @@ def test_count_outlier_wells_are_flagged():
     w = wells_table(f, pd.DataFrame(columns=["plate", "well", "area"]), outlier_mad=3.5)
     assert list(w.loc[w["outlier"], "well"]) == ["A10", "A12"]
     assert w.loc[w["well"] == "A10", "qc"].item().startswith("count outlier (robust z -")
+
+
+def test_streamed_batch_tables_equal_one_concat(tmp_path):
+    """measure writes each field's table to disk and joins them row group by row group; aggregate reads one
+    row group at a time: the same objects.parquet and areas as one in-memory concat of the tables."""
+    from pipeline_lib.steps.aggregate import concat_parquet, object_areas
+    from pipeline_lib.steps.measure import KEY_COLUMNS, _concat_tables
+    rng = np.random.default_rng(0)
+
+    def field(well: str, n: int) -> pd.DataFrame:
+        t = pd.DataFrame({"label": np.arange(1, n + 1, dtype=np.uint32), "area": rng.integers(5, 99, n),
+                          "intensity_mean_DAPI": rng.random(n)})
+        for i, k in enumerate(KEY_COLUMNS):
+            t.insert(i, k, {"plate": "p", "well": well, "row": well[0], "column": well[1:], "field": "0"}[k])
+        return t
+    frames = [field("A1", 7), field("A1", 0), field("B2", 5)]
+    parts = []
+    for i, t in enumerate(frames):
+        parts.append(str(tmp_path / f"{i}.parquet"))
+        t.to_parquet(parts[-1], index=False, row_group_size=3)  # several row groups per field
+    _concat_tables(parts, str(tmp_path / "batch.parquet"))
+    ref = pd.concat(frames, ignore_index=True)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "batch.parquet"), ref)
+    n = concat_parquet([str(tmp_path / "batch.parquet"), parts[0]], str(tmp_path / "objects.parquet"))
+    both = pd.concat([ref, frames[0]], ignore_index=True)
+    assert n == len(both)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "objects.parquet"), both)
+    areas = object_areas([str(tmp_path / "batch.parquet"), parts[1]])
+    assert areas["area"].tolist() == ref["area"].tolist()
+    assert areas["well"].astype(str).tolist() == ref["well"].tolist()
+    _concat_tables([], str(tmp_path / "none.parquet"))
+    assert list(pd.read_parquet(tmp_path / "none.parquet").columns) == KEY_COLUMNS + ["label"]

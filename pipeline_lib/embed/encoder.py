@@ -6,8 +6,12 @@ separate ops, so every block writes and re-reads two N x N matrices per head. He
 formed as one additive bias and passed to ``F.scaled_dot_product_attention`` as ``attn_mask``: PyTorch
 fuses scale, bias, softmax and the value product in one kernel (memory-efficient attention on CUDA, the
 flash kernel on CPU). The windows of all images of a batch are attended in one call (B * 25 windows of
-14 x 14 for a 1024 input); a call is split into chunks (of images for global blocks, of windows beyond
-about 23 ViT-B tiles per batch) only where its bias would exceed ``GLOBAL_BIAS_ELEMENTS``. The arithmetic is the published one (same padding of the 64 x 64 grid to 70 x 70,
+14 x 14 for a 1024 input); a call is split into chunks (of images, then of query rows of the token grid)
+where its bias would exceed ``ATTN_BIAS_ELEMENTS``, so the transient memory of attention (bias and, on
+the CPU, the score matrix) is bounded per call, not per batch: a global block of a 1024 input has
+heads x 4096 x 4096 scores per image (ViT-B: 800 MB in fp32), and at batch 8 the unchunked call held 2-3 GB
+on the CPU. Rows of the query are independent, so chunking changes no arithmetic. The arithmetic is the
+published one (same padding of the 64 x 64 grid to 70 x 70,
 padded tokens attended as in SAM), so outputs equal segment_anything's up to float rounding (tests/
 test_encoder.py, ViT-B/L/H shapes, fp32 and bf16).
 
@@ -22,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GLOBAL_BIAS_ELEMENTS = 2**28  # at most this many bias elements (1 GiB in fp32) per attention call
+ATTN_BIAS_ELEMENTS = 2**24  # at most this many bias elements (64 MB in fp32) per attention call
 
 
 def _rel_tables(attn: nn.Module, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,18 +47,30 @@ class SdpaAttention(nn.Module):
             self.rel_pos_h = stock.rel_pos_h
             self.rel_pos_w = stock.rel_pos_w
 
-    def _bias(self, q: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """(B, heads, N, N) additive bias: SAM's ``add_decomposed_rel_pos`` terms (from the unscaled q)."""
-        b, heads, n, d = q.shape
+    def _bias(self, q: torch.Tensor, size: tuple[int, int], rows: slice | None = None) -> torch.Tensor:
+        """(B, heads, n_q, N) additive bias: SAM's ``add_decomposed_rel_pos`` terms (from the unscaled q) for
+        the queries of grid rows ``rows`` (all rows if None; ``q`` holds just those queries)."""
+        b, heads, nq, d = q.shape
         rh, rw = _rel_tables(self, size)
-        r_q = q.reshape(b, heads, size[0], size[1], d)
-        rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh.to(q.dtype))
+        rows = rows or slice(0, size[0])
+        r_q = q.reshape(b, heads, rows.stop - rows.start, size[1], d)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh[rows].to(q.dtype))
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw.to(q.dtype))
-        return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, n, n)
+        return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, nq, size[0] * size[1])
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        bias = self._bias(q, size) if self.use_rel_pos else None
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if not self.use_rel_pos:
+            return F.scaled_dot_product_attention(q, k, v)
+        b, heads, n, _ = q.shape
+        step = max(1, ATTN_BIAS_ELEMENTS // (b * heads * n * size[1]))  # grid rows of queries per call
+        if step >= size[0]:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self._bias(q, size))
+        parts = []
+        for r0 in range(0, size[0], step):
+            rows = slice(r0, min(r0 + step, size[0]))
+            qs = q[:, :, rows.start * size[1]:rows.stop * size[1]]
+            parts.append(F.scaled_dot_product_attention(qs, k, v, attn_mask=self._bias(qs, size, rows)))
+        return torch.cat(parts, dim=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
@@ -63,7 +79,7 @@ class SdpaAttention(nn.Module):
         q, k, v = qkv.unbind(0)  # (B, heads, N, d)
         chunk = b
         if self.use_rel_pos:
-            chunk = max(1, min(b, GLOBAL_BIAS_ELEMENTS // (self.num_heads * n * n)))
+            chunk = max(1, min(b, ATTN_BIAS_ELEMENTS // (self.num_heads * n * n)))
         out = torch.cat([self._attend(q[i:i + chunk], k[i:i + chunk], v[i:i + chunk], (h, w))
                          for i in range(0, b, chunk)]) if chunk < b else self._attend(q, k, v, (h, w))
         x = out.permute(0, 2, 1, 3).reshape(b, h, w, -1)

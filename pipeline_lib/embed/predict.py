@@ -88,6 +88,33 @@ def _batches(items: Iterator[tuple[FieldTask, Block]], batch_size: int, pool: Th
         yield [f.result() for f in pending.pop(0)]
 
 
+#: Activation memory of one instance-decoder call (512 MiB): the tiles of an encoder batch go through the decoder
+#: in sub-batches estimated to stay under it (at least one tile). The decoder works at the encoder input
+#: resolution (1024 x 1024), where each tile holds about ten float32 tensors of ``initial_features`` channels
+#: (measured: 36 bytes per feature and pixel for the tiny decoder, i.e. 300 MB per tile); a batch of 8 tiles
+#: at once held 2.7 GB on the CPU. Tiles are decoded independently, so the split changes no arithmetic.
+DECODER_BYTES = 2**29
+DECODER_BYTES_PER_FEATURE_PX = 40
+
+
+def decoder_tiles(model: SamModel) -> int:
+    """Tiles per instance-decoder call under ``DECODER_BYTES``."""
+    dec = model.decoder
+    size = getattr(dec, "_img_size", 1024)
+    per_tile = DECODER_BYTES_PER_FEATURE_PX * getattr(dec, "initial_features", 64) * size * size
+    return max(1, DECODER_BYTES // per_tile)
+
+
+def _decode_and_place(model: SamModel, emb: torch.Tensor, batch: list[_Tile], precision: str,
+                      write: Callable[[_Tile, np.ndarray], None]) -> None:
+    """Decoder maps of a batch's embeddings, in sub-batches of ``decoder_tiles``, placed by ``write``."""
+    step = decoder_tiles(model)
+    for i in range(0, len(batch), step):
+        with _autocast(model.device, precision):
+            raw = model.decoder.forward_features(emb[i:i + step])
+        _place_maps(model, raw.float(), batch[i:i + step], write)
+
+
 def _place_maps(model: SamModel, raw: torch.Tensor, batch: list[_Tile],
                 write: Callable[[_Tile, np.ndarray], None]) -> None:
     """Resample decoder outputs to each tile's size (grouped by size, as torch-em's postprocess_masks)."""
@@ -120,13 +147,12 @@ def embed_tasks(model: SamModel, tasks: Sequence[FieldTask], tile: int = 512, ha
             x = normalize_and_pad([t.pixels for t in batch], device)
             with _autocast(device, precision):
                 emb = model.sam.image_encoder(x)
-                raw = model.decoder.forward_features(emb) if with_maps else None
+            if with_maps:
+                _decode_and_place(model, emb, batch, precision, lambda t, m: maps[index[id(t.task)]].__setitem__(
+                    (slice(None),) + t.block.inner, m[(slice(None),) + t.block.inner_local]))
             emb = emb.float()
             for k, t in enumerate(batch):
                 embs[index[id(t.task)]].append(emb[k:k + 1])
-            if with_maps:
-                _place_maps(model, raw.float(), batch, lambda t, m: maps[index[id(t.task)]].__setitem__(
-                    (slice(None),) + t.block.inner, m[(slice(None),) + t.block.inner_local]))
     out = []
     for i, task in enumerate(tasks):
         if with_maps and task.out is not None:
@@ -154,7 +180,8 @@ def _device_busy(clock):
 def embed_prepared(model: SamModel, tiles: list[_Tile], batch_size: int = 8, precision: str = "fp32",
                    with_maps: bool = True, clock=None) -> tuple[torch.Tensor, np.ndarray | None]:
     """Embeddings (T, C, 64, 64, on the device) and, with ``with_maps``, float32 maps (3, Y, X) of one
-    field's prepared tiles; the same batches and arithmetic as ``embed_tasks`` for that field alone.
+    field's prepared tiles; the same batches and arithmetic as ``embed_tasks`` for that field alone. Each
+    tile's ``pixels`` are dropped once encoded.
     ``clock`` (``engine.overlap.DeviceClock``) times the device calls."""
     device = model.device
     task = tiles[0].task
@@ -164,13 +191,14 @@ def embed_prepared(model: SamModel, tiles: list[_Tile], batch_size: int = 8, pre
         batch = tiles[i:i + batch_size]
         with _device_busy(clock):
             x = normalize_and_pad([t.pixels for t in batch], device)
+            for t in batch:  # encoded: a block of many tiles does not hold every tile's input to the end
+                t.pixels = None
             with _autocast(device, precision):
                 emb = model.sam.image_encoder(x)
-                raw = model.decoder.forward_features(emb) if with_maps else None
-            embs.append(emb.float())
             if with_maps:
-                _place_maps(model, raw.float(), batch, lambda t, m: maps.__setitem__(
+                _decode_and_place(model, emb, batch, precision, lambda t, m: maps.__setitem__(
                     (slice(None),) + t.block.inner, m[(slice(None),) + t.block.inner_local]))
+            embs.append(emb.float())
     return torch.cat(embs), maps
 
 
@@ -204,8 +232,8 @@ def predict_stages(model: SamModel, tile: int = 512, halo: int = 64, precision: 
         with _device_busy(clock):
             x = normalize_and_pad([t.pixels for t in batch], model.device)
             with _autocast(model.device, precision):
-                raw = model.decoder.forward_features(model.sam.image_encoder(x))
-            _place_maps(model, raw.float(), batch, lambda t, m: placed.append(
+                emb = model.sam.image_encoder(x)
+            _decode_and_place(model, emb, batch, precision, lambda t, m: placed.append(
                 (t, m[(slice(None),) + t.block.inner_local].astype(np.float16))))
         return placed
 
@@ -250,8 +278,7 @@ def predict_maps(model: SamModel, tasks: Sequence[FieldTask], tile: int = 512, h
             x = normalize_and_pad([t.pixels for t in batch], device)
             with _autocast(device, precision):
                 emb = model.sam.image_encoder(x)
-                raw = model.decoder.forward_features(emb)
-            _place_maps(model, raw.float(), batch, lambda t, m: t.task.out.__setitem__(
+            _decode_and_place(model, emb, batch, precision, lambda t, m: t.task.out.__setitem__(
                 (slice(None),) + t.block.inner, m[(slice(None),) + t.block.inner_local].astype(np.float16)))
             n += len(batch)
             if progress:

@@ -172,6 +172,9 @@ def _upscaled_masks(up: torch.nn.Sequential, keys: torch.Tensor, hyper: torch.Te
     return out.reshape(b, m, 4 * h, 4 * w)
 
 
+TILE_CACHE = 4  # tiles whose layer-1 terms a PromptDecoder keeps (see set_tiles)
+
+
 class PromptDecoder:
     """Decode point prompts against a set of tile embeddings (``set_tiles`` first, then ``decode``)."""
 
@@ -185,18 +188,42 @@ class PromptDecoder:
 
     @torch.no_grad()
     def set_tiles(self, embeddings: torch.Tensor) -> None:
-        """Tile embeddings (T, C, h, w) from the image encoder; per-tile work of layer 1 is done here."""
-        emb = embeddings.to(self.device, torch.float32)
-        t, c, h, w = emb.shape
+        """Tile embeddings (T, C, h, w) from the image encoder.
+
+        The per-tile work of layer 1 (image tokens with the dense prompt and positional terms, and their
+        key/value projections: four more tensors of the embedding's size per tile) is done lazily for the
+        tiles of each batch and kept for the last ``TILE_CACHE`` tiles only, so a block of many tiles holds
+        its embeddings once (4 MB per tile), not five times. ``decode_points`` sorts prompts by tile, so
+        each tile's terms are computed about once."""
+        self._emb = embeddings.to(self.device, torch.float32)
+        self._pe = self.pe.get_dense_pe().flatten(2).transpose(1, 2)  # 1 N C
+        self._hw = tuple(self._emb.shape[-2:])
+        self._cache: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._tiles = True
+
+    def _tile_terms(self, ti: int) -> tuple[torch.Tensor, ...]:
+        """(src, src_pe, k1, v1) of tile ``ti``: its tokens (N C) and layer-1 keys/values (H N d)."""
+        if ti in self._cache:
+            return self._cache[ti]
+        h, w = self._hw
         dense = self.pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        src = (emb + dense).flatten(2).transpose(1, 2)  # T N C
-        pe = self.pe.get_dense_pe().flatten(2).transpose(1, 2)  # 1 N C
+        src = (self._emb[ti:ti + 1] + dense).flatten(2).transpose(1, 2)  # 1 N C
         att = self.tr.layers[0].cross_attn_token_to_image
         heads = att.num_heads
-        src_pe = src + pe
-        k = att.k_proj(src_pe).reshape(t, h * w, heads, -1).transpose(1, 2).contiguous()
-        v = att.v_proj(src).reshape(t, h * w, heads, -1).transpose(1, 2).contiguous()
-        self._tiles = {"src": src, "src_pe": src_pe, "pe": pe, "k1": k, "v1": v, "hw": (h, w)}
+        src_pe = src + self._pe
+        k = att.k_proj(src_pe).reshape(1, h * w, heads, -1).transpose(1, 2).contiguous()
+        v = att.v_proj(src).reshape(1, h * w, heads, -1).transpose(1, 2).contiguous()
+        if len(self._cache) >= TILE_CACHE:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[ti] = (src[0], src_pe[0], k[0], v[0])
+        return self._cache[ti]
+
+    def _batch_tiles(self, tile: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """The layer-1 terms of the tiles used by a batch, stacked, and the prompts' indices into them."""
+        used, local = torch.unique(tile, return_inverse=True)
+        terms = [self._tile_terms(int(ti)) for ti in used.tolist()]
+        st = {name: torch.stack([t[i] for t in terms]) for i, name in enumerate(("src", "src_pe", "k1", "v1"))}
+        return {**st, "pe": self._pe, "hw": self._hw}, local
 
     def _sparse(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.pe._embed_points(coords, labels, pad=True)
@@ -214,8 +241,7 @@ class PromptDecoder:
         """
         if self._tiles is None:
             raise RuntimeError("call set_tiles() before decode()")
-        st = self._tiles
-        tile = tile.to(self.device, torch.long)
+        st, tile = self._batch_tiles(tile.to(self.device, torch.long))
         coords = coords.to(self.device, torch.float32)
         if labels is None:
             labels = torch.ones(coords.shape[:2], device=self.device)

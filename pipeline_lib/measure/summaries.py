@@ -104,7 +104,7 @@ def _channels(fields: pd.DataFrame) -> list[str]:
 def wells_table(fields: pd.DataFrame, areas: pd.DataFrame, outlier_mad: float = 3.5) -> pd.DataFrame:
     """One row per well; ``areas`` holds (plate, well, area) of every object (for exact medians)."""
     channels = _channels(fields)
-    by_well = dict(iter(areas.groupby(["plate", "well"])["area"])) if len(areas) else {}
+    by_well = dict(iter(areas.groupby(["plate", "well"], observed=True)["area"])) if len(areas) else {}
     rows = [{**dict(zip(KEYS, key)), **_pooled(g, channels, by_well.get(key[:2]))}
             for key, g in fields.groupby(KEYS, sort=False)]
     wells = pd.DataFrame(rows)

@@ -1,13 +1,17 @@
 """Collect the per-batch results: summary.json, objects.parquet, fields/wells/plate.csv, metrics.csv and
-provenance.json. Memory is bounded by one batch table plus two columns of all objects (for exact medians)."""
+provenance.json. Memory is bounded by one row group of a batch table (steps/measure writes them in groups of
+``ROW_GROUP`` objects) plus the areas of all objects (8 bytes each, for exact medians; plate and well as
+categories), so a single image of millions of objects is aggregated in about the memory of a small plate."""
 from __future__ import annotations
 
 import contextlib
 import os
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+from pandas.api.types import union_categoricals
 
 from ..io.ome_zarr import read_json, write_atomic, write_json_atomic
 from ..measure.summaries import fields_table, metrics_table, plate_table, public, wells_table
@@ -28,17 +32,24 @@ def concat_parquet(paths: list[str], out: str) -> int:
         schema = pq.read_schema(tables[0])
         with pq.ParquetWriter(tmp, schema) as w:
             for p in tables:
-                t = pq.read_table(p).select(schema.names).cast(schema)
-                w.write_table(t)
-                n += t.num_rows
+                f = pq.ParquetFile(p)
+                for g in range(f.num_row_groups):  # one row group at a time
+                    t = f.read_row_group(g).select(schema.names).cast(schema)
+                    w.write_table(t)
+                    n += t.num_rows
     write_atomic(out, write)
     return n
 
 
 def object_areas(paths: list[str]) -> pd.DataFrame:
-    parts = [pd.read_parquet(p, columns=["plate", "well", "area"]) for p in paths
-             if pq.ParquetFile(p).metadata.num_rows]
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["plate", "well", "area"])
+    """(plate, well, area) of every object; plate and well as categoricals (a code per object, not a string)."""
+    parts = [pq.read_table(p, columns=["plate", "well", "area"], read_dictionary=["plate", "well"]).to_pandas()
+             for p in paths if pq.ParquetFile(p).metadata.num_rows]
+    if not parts:
+        return pd.DataFrame(columns=["plate", "well", "area"])
+    cols = {k: union_categoricals([q[k].astype("category") for q in parts]) for k in ("plate", "well")}
+    area = np.concatenate([q["area"].to_numpy() for q in parts])
+    return pd.DataFrame({**cols, "area": area})
 
 
 def aggregate(cfg: dict[str, Any], plan: dict[str, Any], model_info: dict[str, Any], batch_jsons: list[str],

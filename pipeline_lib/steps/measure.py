@@ -3,11 +3,14 @@ ground truth, an AnnData feature table next to each image, and per-field summari
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..engine.runner import run_units
 from ..io.locks import acquire_all, run_id
@@ -19,6 +22,7 @@ from ..measure.regionprops import channel_columns, measure_labels
 from .plan import lock_path
 
 KEY_COLUMNS = ["plate", "well", "row", "column", "field"]
+ROW_GROUP = 65536  # objects per Parquet row group of the batch tables (aggregate reads one group at a time)
 MEASURE_BLOCK = 2048  # pixels per side read at a time: bounds memory for fields of any size
 
 
@@ -72,7 +76,7 @@ def measure_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]) 
     features["area_um2"] = features["area"] * px * px if px else np.nan
     write_feature_table(os.path.dirname(os.path.dirname(f["labels"])), cfg["labels"]["name"],
                         cfg["labels"]["name"], features)
-    table = features.copy()
+    table = features  # the AnnData table is written: the keys go into the same frame (no copy of it)
     for i, k in enumerate(KEY_COLUMNS):
         table.insert(i, k, f[k])
     table["label"] = table["label"].astype(np.uint32)
@@ -93,26 +97,49 @@ def measure_field(cfg: dict[str, Any], plan: dict[str, Any], f: dict[str, Any]) 
     return info, table
 
 
+def _concat_tables(parts: list[str], out: str) -> None:
+    """The fields' tables as one Parquet file, row group by row group (an empty table with the keys if none)."""
+    if not parts:
+        pd.DataFrame(columns=KEY_COLUMNS + ["label"]).to_parquet(out, index=False)
+        return
+    tables = [pq.read_table(p) for p in parts[:1]]
+    schema = pa.unify_schemas([pq.read_schema(p) for p in parts], promote_options="permissive") \
+        if len(parts) > 1 else tables[0].schema
+    with pq.ParquetWriter(out, schema) as w:
+        for p in parts:
+            f = pq.ParquetFile(p)
+            for g in range(f.num_row_groups):
+                t = f.read_row_group(g)
+                w.write_table(_conform(t, schema))
+
+
+def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``t`` with the columns of ``schema`` (in its order; missing ones null), cast to its types."""
+    cols = [t.column(n) if n in t.column_names else pa.nulls(len(t), schema.field(n).type) for n in schema.names]
+    return pa.Table.from_arrays(cols, schema=schema.remove_metadata()).cast(schema)
+
+
 def run_measure_batch(cfg: dict[str, Any], plan: dict[str, Any], batch: str, segment_json: str,
                       out_json: str, out_table: str) -> dict[str, Any]:
     """Measure every segmented field of ``batch``; a field that fails is recorded, the others go on."""
     fields = [plan["fields"][i] for i in plan["batches"][batch]]
     upstream = read_json(segment_json)["fields"]
-    tables = []
+    parts: list[str] = []
 
-    def work(f: dict[str, Any]) -> dict[str, Any]:
-        s = dict(upstream.get(f["key"], {"status": "missing", "n_objects": 0}))
-        if s["status"] in ("failed", "missing"):
-            return s
-        info, table = measure_field(cfg, plan, f)
-        tables.append(table)
-        return {**s, **info}
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out_table)), prefix=".measure.") as tmp:
+        def work(f: dict[str, Any]) -> dict[str, Any]:
+            s = dict(upstream.get(f["key"], {"status": "missing", "n_objects": 0}))
+            if s["status"] in ("failed", "missing"):
+                return s
+            info, table = measure_field(cfg, plan, f)
+            parts.append(os.path.join(tmp, f"{len(parts)}.parquet"))  # to disk at once: one field in memory
+            table.to_parquet(parts[-1], index=False, row_group_size=ROW_GROUP)
+            return {**s, **info}
 
-    status = run_units([(f["key"], f) for f in fields], work, f"measure {batch}", on_error=lambda f, err: {
-        **upstream.get(f["key"], {}), "status": "failed", "n_objects": 0,
-        "error": f"measuring {f['path'] or 'image'}: {err}"})
-    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=KEY_COLUMNS + ["label"])
-    write_atomic(out_table, lambda p: table.to_parquet(p, index=False))
+        status = run_units([(f["key"], f) for f in fields], work, f"measure {batch}", on_error=lambda f, err: {
+            **upstream.get(f["key"], {}), "status": "failed", "n_objects": 0,
+            "error": f"measuring {f['path'] or 'image'}: {err}"})
+        write_atomic(out_table, lambda p: _concat_tables(parts, p))
     result = {"batch": batch, "fields": status}
     write_json_atomic(out_json, result)
     return result
