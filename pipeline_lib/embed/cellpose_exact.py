@@ -162,18 +162,23 @@ def seed_labels(pos: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return m[flat]
 
 
-def _centres(ys: np.ndarray, xs: np.ndarray, lab: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per label 1..n (all present): the diffusion centre (cellpose's ``center_of_mass``: the pixel nearest
-    the rounded mean, first in raster order) and the bbox extent ``h + w + 2`` (``get_centers``)."""
-    cnt = np.bincount(lab, minlength=n + 1)[1:]
-    ymin = np.full(n + 1, np.iinfo(np.int64).max)
-    xmin = ymin.copy()
-    ymax = np.full(n + 1, -1)
-    xmax = ymax.copy()
+def _bounds(ys: np.ndarray, xs: np.ndarray, lab: np.ndarray, n: int, big: int
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per label 0..n: (ymin, xmin, ymax, xmax) of its pixels; ``big`` / -1 for labels without pixels."""
+    ymin, xmin = np.full(n + 1, big, np.int64), np.full(n + 1, big, np.int64)
+    ymax, xmax = np.full(n + 1, -1, np.int64), np.full(n + 1, -1, np.int64)
     np.minimum.at(ymin, lab, ys)
     np.minimum.at(xmin, lab, xs)
     np.maximum.at(ymax, lab, ys)
     np.maximum.at(xmax, lab, xs)
+    return ymin, xmin, ymax, xmax
+
+
+def _centres(ys: np.ndarray, xs: np.ndarray, lab: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per label 1..n (all present): the diffusion centre (cellpose's ``center_of_mass``: the pixel nearest
+    the rounded mean, first in raster order) and the bbox extent ``h + w + 2`` (``get_centers``)."""
+    cnt = np.bincount(lab, minlength=n + 1)[1:]
+    ymin, xmin, ymax, xmax = _bounds(ys, xs, lab, n, np.iinfo(np.int64).max)
     ly, lx = ys - ymin[lab], xs - xmin[lab]
     ym = np.round(np.bincount(lab, ly, n + 1)[1:] / cnt).astype(np.int64)
     xm = np.round(np.bincount(lab, lx, n + 1)[1:] / cnt).astype(np.int64)
@@ -272,14 +277,7 @@ def fill_holes(labels: np.ndarray) -> np.ndarray:
         return labels
     ys, xs = np.nonzero(labels)
     lab = labels[ys, xs]
-    ymin = np.full(n + 1, labels.shape[0])
-    xmin = np.full(n + 1, labels.shape[1])
-    ymax = np.full(n + 1, -1)
-    xmax = ymax.copy()
-    np.minimum.at(ymin, lab, ys)
-    np.minimum.at(xmin, lab, xs)
-    np.maximum.at(ymax, lab, ys)
-    np.maximum.at(xmax, lab, xs)
+    ymin, xmin, ymax, xmax = _bounds(ys, xs, lab, n, max(labels.shape))
     present = ymax >= 0
     bh = np.where(present, ymax - ymin + 1, 0)
     bw = np.where(present, xmax - xmin + 1, 0)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..instances.nms import fragments
+from ..instances.nms import fragments, subset_rows
 
 CHUNK_BYTES = 256 * 2**20  # largest float32 masks x columns chunk of the overlap product
 
@@ -63,14 +63,7 @@ class DeviceCandidates:
                    np.concatenate(iou), np.concatenate(stability), np.concatenate(bbox), np.concatenate(point))
 
     def subset(self, keep: np.ndarray) -> "DeviceCandidates":
-        keep = np.asarray(keep)
-        if keep.dtype == bool:
-            if keep.all():
-                return self
-            keep = np.flatnonzero(keep)
-        ptr, pixels = csr_take(self.ptr, self.pixels, keep)
-        return DeviceCandidates(self.shape, ptr, pixels, self.area[keep], self.iou[keep], self.stability[keep],
-                                self.bbox[keep], self.point[keep])
+        return subset_rows(self, keep, csr_take)
 
     def lengths(self) -> torch.Tensor:
         return self.ptr[1:] - self.ptr[:-1]

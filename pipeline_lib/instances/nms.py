@@ -7,6 +7,7 @@ rounds over those pairs instead of a Python loop over masks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 from scipy import sparse
@@ -59,17 +60,23 @@ class Candidates:
                    np.concatenate(stability), np.concatenate(bbox), np.concatenate(point))
 
     def subset(self, keep: np.ndarray) -> "Candidates":
-        keep = np.asarray(keep)
-        if keep.dtype == bool:
-            if keep.all():
-                return self
-            keep = np.flatnonzero(keep)
-        ptr, pixels = csr_take(self.ptr, self.pixels, keep)
-        return Candidates(self.shape, ptr, pixels, self.area[keep], self.iou[keep], self.stability[keep],
-                          self.bbox[keep], self.point[keep])
+        return subset_rows(self, keep, csr_take)
 
     def owners(self) -> np.ndarray:
         return np.repeat(np.arange(len(self)), self.ptr[1:] - self.ptr[:-1])
+
+
+def subset_rows(c: Any, keep: np.ndarray, take: Callable) -> Any:
+    """The candidates ``keep`` (bool mask or indices) of ``c`` as a new object of its type (``c`` itself when
+    every row is kept); ``take(ptr, pixels, rows)`` selects CSR rows (numpy here, torch for the device
+    candidates of ``embed.device_masks``)."""
+    keep = np.asarray(keep)
+    if keep.dtype == bool:
+        if keep.all():
+            return c
+        keep = np.flatnonzero(keep)
+    ptr, pixels = take(c.ptr, c.pixels, keep)
+    return type(c)(c.shape, ptr, pixels, c.area[keep], c.iou[keep], c.stability[keep], c.bbox[keep], c.point[keep])
 
 
 def overlaps(c: Candidates, method: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
