@@ -360,5 +360,5 @@ def test_volume_methods_are_compared_as_one_image(tmp_path, tiny_model):
     a, b = (np.asarray(zarr.open_array(str(tmp_path / f"vol.ome.zarr/labels/sam_{m}/s0"), mode="r")) for m in methods)
     assert a.ndim == 3 and np.isclose(row["msa_b_vs_a"], segmentation_scores(b, a)["msa"])  # 3D, b against a
     html = write_comparison_report(tmp_path / "out", methods).read_text()
-    assert "<h1>Methods side by side \u2013 image</h1>" in html and "<h3>Agreement between methods</h3><table" in html
+    assert "<h1>Methods side by side \u2013 vol.ome.zarr</h1>" in html and "<h3>Agreement between methods</h3><table" in html
     assert "heatmap_compare" not in html

@@ -117,7 +117,7 @@ def comparison_section(comp: str | Path, png_dir: str | Path, row_labels: Sequen
     parts = ['<section id="comparison"><h2>Methods side by side</h2>',
              f'<p class="note">Methods: {esc(", ".join(methods))}. Agreement = mSA of one method\'s labels with '
              "the other's as reference (mean of both directions; 1 = the same objects, 0 = no object matched "
-             "at IoU \u2265 0.5). Low agreement points at wells to inspect, with or without ground truth.</p>",
+             "at IoU \u2265 0.5). Low agreement points at the wells (or images) to inspect, with or without ground truth.</p>",
              _cards(summary)]
     if summary.get("kind") == "image":  # one image or volume: no wells to map, the pairs as a table
         cols = ["method_a", "method_b", "status", "msa", "sa50", "msa_b_vs_a", "msa_a_vs_b", "n_a", "n_b", "error"]
@@ -163,15 +163,15 @@ def disagreement_table(wells: pd.DataFrame, pairs: Sequence[tuple], methods: Seq
             + html_table(w, cols, heads))
 
 
-def _plate_name(method_out: Path) -> str:
-    """The plate's name from a method's ``plate.csv`` (as that method's own report shows it), else "image"."""
-    import pandas as pd
+def _plate_name(method_out: Path, summary: dict) -> str:
+    """The plate's name from a method's ``plate.csv`` (as that method's own report shows it), else the input's
+    file name (an image or a volume)."""
     path = method_out / "plate.csv"
     if path.exists():
         plate = pd.read_csv(path)
         if len(plate) and isinstance(plate["plate"].iloc[0], str) and plate["plate"].iloc[0]:
             return plate["plate"].iloc[0]
-    return "image"
+    return Path(str(summary.get("input") or "image").rstrip("/")).name or "image"
 
 
 def write_comparison_report(out_dir: str | Path, methods: Sequence[str]) -> Path:
@@ -193,7 +193,7 @@ def write_comparison_report(out_dir: str | Path, methods: Sequence[str]) -> Path
         rows_html.append((m, f"model {esc(name)} \u00b7 {esc(fmt(s.get('n_objects', '')))} objects \u00b7 {link}"))
     table = "".join(f"<tr><td>{esc(k)}</td><td>{v}</td></tr>"
                     for k, v in [("Input", esc(first.get("input", "")))] + rows_html)
-    head = (f"<header><h1>Methods side by side \u2013 {esc(_plate_name(out / 'methods' / methods[0]))}</h1>"
+    head = (f"<header><h1>Methods side by side \u2013 {esc(_plate_name(out / 'methods' / methods[0], first))}</h1>"
             f'<table class="meta">{table}</table></header>')
     body = head + comparison_section(out / "comparison", out / "report", rows, cols)
     doc = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Methods side by side</title>'
