@@ -127,12 +127,21 @@ def _is_sbatch(pid: int) -> bool:
     return os.path.basename(argv0) == b"sbatch"
 
 
+def _in_slurm_job(pid: int) -> bool:
+    """The process runs inside a SLURM job (not, say, another test's local job of the same rule and batch)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return b"SLURM_JOB_ID=" in f.read()
+    except OSError:
+        return False
+
+
 def _kill_when_running(pattern: str, proc: subprocess.Popen, timeout: float = 300) -> list[int]:
     """SIGKILL the processes of the job whose command line matches ``pattern`` once it has run 2 s."""
     t0, seen = time.time(), None
     while time.time() - t0 < timeout and proc.poll() is None:
         out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-        pids = [int(p) for p in out if int(p) != os.getpid() and not _is_sbatch(int(p))]
+        pids = [int(p) for p in out if int(p) != os.getpid() and not _is_sbatch(int(p)) and _in_slurm_job(int(p))]
         if pids and seen is None:
             seen = time.time()
         if pids and time.time() - seen > 2:
