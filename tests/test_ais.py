@@ -27,6 +27,27 @@ def noisy_maps(shape, seed):
     return maps, lab
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_watershed_levels_are_the_whole_fields(threads):
+    """The watershed quantizes heights to 65,536 levels over its mask's range, so a call on part of the
+    field orders near-equal heights differently from micro-sam's one call over the whole foreground. A
+    two-seed square whose heights differ by 1e-5 floods by height alone, but in micro-sam's call, whose
+    range reaches the height 50 of another object, its heights are one level: ours must flood it the same
+    (the code before this test, whose mask was the multi-seed components only, failed it)."""
+    rng = np.random.default_rng(0)
+    maps = np.ones((3, 200, 160), np.float32)
+    maps[0] = 0
+    maps[0, 20:80, 20:140] = maps[0, 120:180, 40:100] = 1  # two objects: a two-seed bar, a one-seed square
+    maps[1, 40:60, 30:40] = maps[1, 40:60, 120:130] = maps[1, 140:160, 60:80] = 0  # seeds
+    maps[2] = 0.3 + rng.random(maps.shape[1:]).astype(np.float32) * 1e-3
+    maps[2, 170:180, 45:95] = 50  # a high ridge inside the square: the foreground range reaches 50
+    out = np.zeros(maps.shape[1:], np.uint32)
+    ais_blockwise(maps, out, AISParams(), block=64, halo=16, threads=threads)
+    ref = reference_ais(maps, AISParams())
+    assert len(np.unique(ref)) == 4
+    assert np.array_equal(out.astype(np.int64), ref.astype(np.int64))
+
+
 def real_fields(plate, n=None):
     g = zarr.open_group(str(plate), mode="r")
     out = []
@@ -178,7 +199,8 @@ def test_threaded_zarr_writes_unaligned_chunks(tmp_path):
 
 
 def test_segment_step_blocks_by_ais_block():
-    """The segment step post-processes in ais.block blocks (null: tiling.tile), the labels unchanged."""
+    """The segment step post-processes a field too large for memory (a scratch array) in ais.block blocks
+    (null: tiling.tile); the labels are the same for any block, and the same as the in-memory path's."""
     from pipeline_lib.config import validate_config
     from pipeline_lib.steps.segment import ais_instances
     maps, _ = noisy_maps((300, 420), seed=7)
@@ -187,8 +209,11 @@ def test_segment_step_blocks_by_ais_block():
         cfg = validate_config({"input": "-", "output": "-", "tiling": {"tile": 128, "halo": 16},
                                "ais": {"block": block}})
         out, steps = np.zeros(maps.shape[1:], np.uint32), []
-        ais_instances(cfg, maps, out, None, lambda name, i, steps=steps: steps.append(name), threads=2)
+        scratch = np.zeros(maps.shape[1:], np.uint64)
+        ais_instances(cfg, maps, out, scratch, lambda name, i, steps=steps: steps.append(name), threads=2)
         outs.append(out)
         n_blocks.append(steps.count("watershed"))
     assert n_blocks == [5 * 7, 3 * 4]
-    assert outs[0].max() > 10 and np.array_equal(outs[0], outs[1])
+    in_memory = np.zeros(maps.shape[1:], np.uint32)
+    ais_instances(cfg, maps, in_memory, None, lambda name, i: None, threads=2)
+    assert outs[0].max() > 10 and np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], in_memory)

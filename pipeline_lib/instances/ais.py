@@ -7,8 +7,9 @@ inner part. Small objects are dropped and ids made consecutive with one global l
 
 - in memory (``scratch`` None, the segment step's fields up to 64 Mpx): smoothing, thresholds and seed
   labels run on row bands (whole planes of the first axis) on the pool, which reproduces the full-image
-  values and labels bit for bit; the watershed then runs per block (evened, see ``_even``) on the pool,
-  over the foreground components with several seeds only (one with a single seed id is that id).
+  values and labels bit for bit; the watershed then floods each foreground component with several seeds
+  whole, on the pool (one with a single seed id is that id), so the labels are the untiled ones exactly
+  and ``block``/``halo`` do not change them.
 - block by block (a ``scratch`` array, for fields too large for memory): each block's maps are smoothed
   over the block plus halo (kept for the watershed pass within ``cache_bytes``), seeds are labelled per
   block and made global (compact offsets, union of components that touch across block faces).
@@ -299,10 +300,10 @@ def ais_blockwise(maps: Any, out: Any, p: AISParams, block: int | Sequence[int],
     In memory (``scratch`` None, or one block) the smoothing, thresholds and seed labelling run on row bands
     (the first axis) on the pool: a Gaussian over a band plus ``smoothing_reach`` rows gives the full-image
     values bit for bit (unlike a crop along the last axis, whose SIMD alignment changes the rounding), and
-    band labels merged across the band faces and numbered by first pixel are the full-image labels; then the
-    watershed runs per block with its halo on the pool (memory: 13 bytes per pixel of the field), or with
-    one block once on the whole field, so that the labels are micro-sam's untiled ones. Only foreground
-    components with several seeds are flooded (see ``_in_memory``). Returns the object statistics (``label``,
+    band labels merged across the band faces and numbered by first pixel are the full-image labels; then
+    the watershed floods each foreground component with several seeds whole, grouped by the bands it spans,
+    on the pool (memory: 13 bytes per pixel of the field), so that the labels are micro-sam's untiled ones
+    for any block, halo and thread count (see ``_in_memory``). Returns the object statistics (``label``,
     ``area``, ``centroid`` per axis), the number of objects and ``timings`` (wall seconds per stage).
     """
     shape = tuple(out.shape)
@@ -320,19 +321,12 @@ def ais_blockwise(maps: Any, out: Any, p: AISParams, block: int | Sequence[int],
         pool = stack.enter_context(ThreadPoolExecutor(threads)) if threads > 1 else None
         run = pool.map if pool is not None else map
         if len(blocks) == 1 or scratch is None:  # in memory: banded seeds, blockwise watershed
-            ws = _in_memory(maps, out, p, shape, reach, threads, run, step, clock,
-                          block_grid(shape, _even(shape, block), halo_t))
+            ws = _in_memory(maps, out, p, shape, reach, threads, run, step, clock)
         else:
             ws = _tiled(maps, out, p, blocks, block, shape, scratch, run, step, cache_bytes, clock)
         res = _finish(out, p, ws, shape, run, step, clock)
     res["timings"] = clock.split
     return res
-
-
-def _even(shape: Sequence[int], block: Sequence[int]) -> tuple[int, ...]:
-    """The block that splits each axis into as many blocks as ``block`` does, of near-equal size (a
-    696-pixel axis in 512-pixel blocks: two of 348, not 512 and 184), so that the pool is evenly loaded."""
-    return tuple(-(-s // -(-s // b)) for s, b in zip(shape, block))
 
 
 def _maps_at(maps: Any, region: tuple[slice, ...], channel: Any = slice(None)) -> np.ndarray:
@@ -362,15 +356,18 @@ def _face_edges(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
 _MULTI = np.uint32(2**32 - 1)  # class code of a foreground component with several seeds (the watershed's work)
 
 
-def _in_memory(maps, out, p, shape, reach, threads, run, step, clock, ws_blocks) -> _Watershed:
+def _in_memory(maps, out, p, shape, reach, threads, run, step, clock) -> _Watershed:
     """The in-memory path: banded smoothing, thresholds and seed labels over the whole field (the untiled
-    values and seed ids), then the watershed per block of ``ws_blocks`` with its halo on the pool (see
-    ais_blockwise).
+    values and seed ids), then the watershed of each foreground component on the pool (see ais_blockwise).
 
     The watershed floods within the foreground components (axis-aligned connectivity, its own), each on its
     own: a component with one seed id is that id, one without seeds stays 0, whatever the heights. Only
     components with several seeds (a third of the foreground on the DSB mosaic) go through the watershed;
-    the others are one lookup per pixel ("class code": the seed id, 0, or ``_MULTI``)."""
+    the others are one lookup per pixel ("class code": the seed id, 0, or a flood job's code). The
+    multi-seed components are flooded whole, grouped by the bands they span (``_band_span``, ``_job_rows``), so the
+    labels are exactly those of one watershed over the field (micro-sam's untiled call) at any thread
+    count, and no pixel is flooded twice (a block with a halo floods its halo again, and agrees with the
+    whole field only where the halo covers the watershed's reach)."""
     bands = _bands(shape, threads, reach)
     rest = tuple(slice(0, s) for s in shape[1:])
     fg_mask = np.empty(shape, bool)
@@ -389,11 +386,13 @@ def _in_memory(maps, out, p, shape, reach, threads, run, step, clock, ws_blocks)
         seed &= fg_mask[a:b]
         seed &= hmap[a:b] < p.boundary_distance_threshold
         n_fg = ndi.label(fg_mask[a:b], output=comp[a:b].view(np.int32))  # scipy's default: axis-aligned
-        return _label(seed, labels[a:b])[1], int(n_fg)
+        return _label(seed, labels[a:b])[1], int(n_fg), _range(hmap[a:b], fg_mask[a:b])
 
     parts = list(run(seeds_of, bands))
     step("seeds", 0)
     clock.lap("smooth+seeds")
+    heights = _merge_ranges([r for *_, r in parts])
+    parts = [(n, n_fg) for n, n_fg, _ in parts]
     counts = [n for n, _ in parts]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     fg_offsets = np.concatenate([[0], np.cumsum([n for _, n in parts])]).astype(np.int64)
@@ -407,8 +406,6 @@ def _in_memory(maps, out, p, shape, reach, threads, run, step, clock, ws_blocks)
     seed_map = _components(int(offsets[-1]), _unique_edges(seed_edges))  # by first member: row-major order
     fg_map = _components(int(fg_offsets[-1]), _unique_edges(fg_edges))
     n_ws = int(seed_map.max())
-    if n_ws >= _MULTI:
-        raise ValueError(f"{n_ws} seeds: too many for uint32 markers")
 
     def markers_of(k_blk: tuple[int, Block]) -> np.ndarray:
         """Global seed ids over the band's seed pixels; the (component, seed) pairs there."""
@@ -428,7 +425,12 @@ def _in_memory(maps, out, p, shape, reach, threads, run, step, clock, ws_blocks)
     code = np.zeros(len(n_per_comp), np.uint32)
     one = n_per_comp[pair_comp] == 1
     code[pair_comp[one]] = pair_seed[one]
-    code[n_per_comp > 1] = _MULTI
+    first_band, last_band = _band_span(fg_map, fg_offsets, len(bands))
+    multi = np.flatnonzero(n_per_comp > 1)
+    spans, job_of = np.unique(first_band[multi] * len(bands) + last_band[multi], return_inverse=True)
+    if n_ws >= _MULTI - len(spans):
+        raise ValueError(f"{n_ws} seeds: too many for uint32 markers")
+    code[multi] = _MULTI - job_of.astype(np.uint32)
     code_of = code[fg_map]  # band-local component -> class code, through the band offsets
 
     def classes_of(k_blk: tuple[int, Block]) -> None:
@@ -439,37 +441,112 @@ def _in_memory(maps, out, p, shape, reach, threads, run, step, clock, ws_blocks)
         band[nz] = code_of[band[nz] + fg_offsets[k]]
 
     list(run(classes_of, enumerate(bands)))
+    rows = [_job_rows(comp, _MULTI - np.uint32(j), bands[k // len(bands)], bands[k % len(bands)])
+            for j, k in enumerate(spans.tolist())]
     clock.lap("merge seeds")
-    sizes = np.zeros(n_ws + 1, dtype=np.int64)
-    csum = np.zeros((len(shape), n_ws + 1))
-    whole = None
-    if len(ws_blocks) == 1:  # untiled: one watershed, then the labels written and summed per band
-        multi = comp == _MULTI
-        whole = bic.segmentation.watershed(hmap, markers=labels, mask=multi) if multi.any() else comp
-        ws_blocks = bands
-        clock.lap("watershed")
-    out_w = _Writes(out, ws_blocks[0].inner_shape)
 
-    def watershed_of(blk: Block) -> tuple[int, np.ndarray, np.ndarray]:
+    def flood(j: int) -> None:
+        """Job j's watershed: its components, whole, over the rows they span; the seed ids it gives are
+        written over their class code (no other job's pixel has this job's code)."""
+        a, b = rows[j]
+        classes = comp[a:b]
+        mask = classes == _MULTI - np.uint32(j)
+        classes[mask] = _watershed(hmap[a:b], labels[a:b], mask, heights)[mask]
+
+    list(run(flood, sorted(range(len(rows)), key=lambda j: rows[j][0] - rows[j][1])))  # largest first
+    clock.lap("watershed")
+    out_w = _Writes(out, bands[0].inner_shape)
+
+    def write_of(blk: Block) -> tuple[int, np.ndarray, np.ndarray]:
         ids = comp[blk.inner]
-        if whole is not None:
-            ids = np.where(multi[blk.inner], whole[blk.inner], ids)
-        else:
-            o, il = blk.outer, blk.inner_local
-            multi_o = comp[o] == _MULTI
-            if multi_o[il].any():
-                ws = bic.segmentation.watershed(hmap[o], markers=labels[o], mask=multi_o)[il]
-                ids = np.where(multi_o[il], ws, ids)
         out_w[blk.inner] = ids
         return _sums(ids, [s.start for s in blk.inner])
 
-    for i, part in enumerate(run(watershed_of, ws_blocks)):
+    sizes = np.zeros(n_ws + 1, dtype=np.int64)
+    csum = np.zeros((len(shape), n_ws + 1))
+    for i, part in enumerate(run(write_of, bands)):
         _add_sums(sizes, csum, part)
         step("watershed", i)
-    clock.lap("write+sums" if whole is not None else "watershed+sums")
+    clock.lap("write+sums")
     # the markers array is free now: it holds the band labels of the rescue pass
     return _Watershed(bands, bands[0].inner_shape, labels, labels, n_ws, sizes, csum,
                       lambda blk: fg_mask[blk.inner])
+
+
+def _range(values: np.ndarray, where: np.ndarray) -> tuple[float, float]:
+    """(min, max) of ``values`` where ``where`` (inf, -inf when nowhere); the selection is faster than
+    masked reductions."""
+    v = values[where]
+    return (float(v.min()), float(v.max())) if len(v) else (np.inf, -np.inf)
+
+
+def _merge_ranges(ranges: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    return min(r[0] for r in ranges), max(r[1] for r in ranges)
+
+
+def _watershed(hmap: np.ndarray, markers: np.ndarray, mask: np.ndarray, heights: tuple[float, float]) -> np.ndarray:
+    """``bioimage_cpp.segmentation.watershed`` with the heights quantized over ``heights`` (the foreground
+    range of the whole field) instead of over the call's own mask.
+
+    The watershed quantizes the heights to 65,536 levels between the minimum and maximum over its mask, so a
+    call on part of the field (a block, a component) orders near-equal heights differently from one call on
+    the whole field (micro-sam's untiled call, whose mask is the field's foreground). Two pixels holding
+    that range, isolated behind unmasked slabs (no seed reaches them), give every call the whole field's
+    levels; each component then floods exactly as in the whole-field call (within a level, in the scan
+    order of its own pixels)."""
+    lo, hi = heights
+    if not mask.any() or not np.isfinite(lo):
+        return np.zeros(mask.shape, markers.dtype)
+    n = mask.shape[0]
+    h, m, k = (_padded(a, n) for a in (hmap.astype(np.float32, copy=False), mask, markers))
+    h[n + 1].flat[0], h[n + 3].flat[0] = lo, hi
+    m[n + 1].flat[0] = m[n + 3].flat[0] = True
+    return bic.segmentation.watershed(h, markers=k, mask=m)[:n]
+
+
+def _padded(a: np.ndarray, n: int) -> np.ndarray:
+    """``a`` followed by four zero slabs along the first axis (one copy)."""
+    out = np.empty((n + 4,) + a.shape[1:], a.dtype)
+    out[:n] = a
+    out[n:] = 0
+    return out
+
+
+def _band_span(fg_map: np.ndarray, fg_offsets: np.ndarray, n_bands: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and last band of every foreground component (by global component id)."""
+    n = int(fg_map.max()) + 1
+    first, last = np.full(n, n_bands, np.int64), np.full(n, -1, np.int64)
+    for k in range(n_bands):  # over bands (a few per thread), vectorized over their components
+        ids = fg_map[fg_offsets[k] + 1:fg_offsets[k + 1] + 1]
+        np.minimum.at(first, ids, k)
+        np.maximum.at(last, ids, k)
+    return first, last
+
+
+def _job_rows(classes: np.ndarray, code: np.uint32, top: Block, bottom: Block, step: int = 16) -> tuple[int, int]:
+    """The rows (first-axis range) of the components with class ``code``, which all start in band ``top``
+    and end in band ``bottom``: that band's rows when they are one band; else from the first row they
+    reach above the lower face of ``top`` to the last below the upper face of ``bottom`` (a component's
+    rows are one interval, so the scan from each face stops at the first row without them)."""
+    a, b = top.inner[0].start, bottom.inner[0].stop
+    if top.index == bottom.index:
+        return a, b
+    up = top.inner[0].stop
+    while up > a and _rows_hold(classes[max(up - step, a):up], code).all():
+        up = max(up - step, a)
+    if up > a:
+        up -= int(np.argmin(_rows_hold(classes[max(up - step, a):up], code)[::-1]))
+    down = bottom.inner[0].start
+    while down < b and _rows_hold(classes[down:min(down + step, b)], code).all():
+        down = min(down + step, b)
+    if down < b:
+        down += int(np.argmin(_rows_hold(classes[down:min(down + step, b)], code)))
+    return up, down
+
+
+def _rows_hold(classes: np.ndarray, code: np.uint32) -> np.ndarray:
+    """Per row (first axis) of ``classes``: whether any pixel has ``code``."""
+    return (classes == code).reshape(len(classes), -1).any(axis=1)
 
 
 def _offset(plane: np.ndarray, offset: int) -> np.ndarray:
@@ -521,14 +598,16 @@ def _tiled(maps, out, p, blocks, block, shape, scratch, run, step, cache_bytes, 
             if budget[0] >= nbytes:
                 budget[0] -= nbytes
                 cache[blk.index] = (fg_mask, boundary)
-        return n, _first_pixels(lab, n, [s.start for s in blk.inner], shape)
+        return n, _first_pixels(lab, n, [s.start for s in blk.inner], shape), _range(boundary[il], fg_mask[il])
 
     seeds = _GlobalIds(scratch, blocks, block)
-    counts, firsts = {}, []
-    for i, (blk, (n, first)) in enumerate(zip(blocks, run(seeds_of, blocks))):
+    counts, firsts, ranges = {}, [], []
+    for i, (blk, (n, first, heights)) in enumerate(zip(blocks, run(seeds_of, blocks))):
         counts[blk.index] = n
         firsts.append(first)
+        ranges.append(heights)
         step("seeds", i)
+    heights = _merge_ranges(ranges)
     clock.lap("smooth+seeds")
     n_seeds = seeds.set_counts(counts)
     # seeds numbered by their first pixel in the field, as the in-memory path numbers them
@@ -557,7 +636,7 @@ def _tiled(maps, out, p, blocks, block, shape, scratch, run, step, cache_bytes, 
         fg_mask, hmap = masks_for_watershed(blk)
         markers = (np.asarray(scratch[blk.outer]).astype(marker_dtype, copy=False) if in_place
                    else seeds.read_mapped(blk.outer, seed_map, marker_dtype))
-        ws = bic.segmentation.watershed(hmap, markers=markers, mask=fg_mask)[blk.inner_local]
+        ws = _watershed(hmap, markers, fg_mask, heights)[blk.inner_local]
         out_w[blk.inner] = ws.astype(np.uint32, copy=False)
         if p.keep_unseeded:  # the rescue pass needs the inner foreground mask
             with lock:
